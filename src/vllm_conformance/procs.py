@@ -1,0 +1,64 @@
+"""Find and end the processes of one server, by tag rather than by name or port.
+
+Killing vLLM's API server can leave engine and tensor-parallel workers holding GPUs while
+the port is already free. Every server is therefore started in its own session with an
+environment variable carrying a unique tag, which all its descendants inherit; teardown
+ends the process group and then sweeps ``/proc`` for anything still carrying the tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+TAG_VAR = "VLLM_CONFORMANCE_TAG"
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """PIDs of live processes whose environment holds ``VLLM_CONFORMANCE_TAG=tag``."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and needle in environ.split(b"\0"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _wait_gone(tag: str, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := tagged_pids(tag)) and time.monotonic() < deadline:
+        # /proc offers no wait primitive for non-children; poll at a short interval.
+        time.sleep(0.1)
+    return left
+
+
+def end_process_group(pgid: int, tag: str, grace: float = 20.0) -> list[int]:
+    """SIGTERM the group, SIGKILL it after ``grace`` seconds, then sweep by tag.
+
+    Returns the PIDs that survived everything (an empty list is success).
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    left = _wait_gone(tag, grace)
+    if left:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        _signal_all(tagged_pids(tag), signal.SIGKILL)
+        left = _wait_gone(tag, 10.0)
+    return left
