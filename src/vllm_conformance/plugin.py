@@ -82,6 +82,7 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"received signal {signum}")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "needs_expect(key): run only for entries with this expectation section"
@@ -110,6 +111,9 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     run_dir = _run_dir(config)
+    if worker is None and not config.option.collectonly and not config.option.xmlpath:
+        # Runs before the junitxml plugin reads the option: JUnit lands beside the report.
+        config.option.xmlpath = str(run_dir / "junit.xml")
     writer = report.RecordWriter(run_dir / "records" / f"{worker or 'main'}.jsonl")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     detected = gpu_mod.detect()

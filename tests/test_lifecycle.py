@@ -1,0 +1,103 @@
+"""The launcher against the real vLLM CPU server: start, serve, stop, nothing left behind.
+
+One server is started for the whole module and killed by the last test, so the module
+costs two server starts (this one and the start that must fail).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vllm_conformance import modelgen, procs
+from vllm_conformance.endpoint import EndpointError, ServerDiedError
+from vllm_conformance.launcher import LaunchSpec, ServerStartError, VllmServer
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def tiny_spec(**overrides: object) -> LaunchSpec:
+    args = {
+        "model": str(modelgen.materialize("tiny-llama4")),
+        "served_model_name": "tiny-llama4",
+        "args": ["--max-model-len", "2048", "--max-num-seqs", "4"],
+        "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        "startup_timeout": 600.0,
+    }
+    return LaunchSpec(**{**args, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    srv = VllmServer(tiny_spec(), tmp_path_factory.mktemp("lifecycle") / "server.log")
+    srv.start()
+    yield srv
+    srv.stop()
+    assert procs.tagged_pids(srv.tag) == []
+
+
+def test_start_reads_what_the_server_reports(server: VllmServer) -> None:
+    ep = server.endpoint
+    assert ep.model == "tiny-llama4"
+    assert ep.max_model_len == 2048
+    assert ep.version and ep.version[0].isdigit()
+    assert server.kv_cache is not None and server.kv_cache.device == "CPU"
+    assert server.kv_cache.concurrency_tokens == 2048
+    assert server.startup_seconds and server.startup_seconds > 0
+
+
+def test_serves_a_request(server: VllmServer) -> None:
+    out = server.endpoint.client().completions.create(
+        model="tiny-llama4",
+        prompt="hello",
+        max_tokens=3,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert out.usage is not None and out.usage.completion_tokens == 3
+
+
+def test_server_processes_carry_the_tag(server: VllmServer) -> None:
+    tagged = procs.tagged_pids(server.tag)
+    assert server.proc is not None and server.proc.pid in tagged
+    assert len(tagged) >= 2, "the engine core runs in its own process"
+
+
+def test_killed_server_is_reported_dead_at_once(server: VllmServer) -> None:
+    """SIGKILL the API server: the next check names the death, without waiting."""
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(timeout=30)
+    began = time.monotonic()
+    with pytest.raises(ServerDiedError, match="died with exit code -9"):
+        server.endpoint.probe()
+    assert time.monotonic() - began < 5
+    # Its engine process is orphaned but still tagged: stop() must sweep it.
+    server.stop()
+    assert procs.tagged_pids(server.tag) == []
+
+
+def test_start_that_must_fail_reports_vllms_reason(tmp_path: Path) -> None:
+    """A max-model-len far beyond the KV space: ServerStartError with vLLM's own words."""
+    spec = tiny_spec(args=["--max-model-len", "8000000"])
+    srv = VllmServer(spec, tmp_path / "server.log")
+    with pytest.raises(ServerStartError) as info:
+        srv.start()
+    assert info.value.reason is not None
+    assert info.value.reason.kind == "kv_cache"
+    assert info.value.reason.line in str(info.value)
+    assert "last lines of the server log" in str(info.value)
+    assert procs.tagged_pids(srv.tag) == []
+
+
+def test_unreachable_endpoint_is_one_clear_message() -> None:
+    from vllm_conformance.endpoint import connect
+    from vllm_conformance.launcher import free_port
+
+    with pytest.raises(EndpointError, match="endpoint unreachable"):
+        connect(f"http://127.0.0.1:{free_port()}")
