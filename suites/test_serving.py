@@ -15,7 +15,10 @@ def test_models_endpoint_matches_entry(endpoint: Endpoint, deployment: Deploymen
 def test_greedy_completion(endpoint: Endpoint) -> None:
     """A short greedy completion returns the requested number of tokens."""
     out = endpoint.client().completions.create(
-        model=endpoint.model, prompt="The capital of", max_tokens=4, temperature=0,
+        model=endpoint.model,
+        prompt="The capital of",
+        max_tokens=4,
+        temperature=0,
         extra_body={"ignore_eos": True},
     )
     assert out.usage is not None

@@ -179,10 +179,13 @@ def pytest_runtest_makereport(
     if rep.when == "call" or rep.outcome != "passed":
         callspec = getattr(item, "callspec", None)
         entry = callspec.params.get("deployment") if callspec else None
-        message = ""
-        if rep.longrepr is not None:
-            text = rep.longreprtext
-            message = text if rep.skipped else text.strip().splitlines()[-1][:2000]
+        crash = getattr(rep.longrepr, "reprcrash", None)
+        if rep.skipped and isinstance(rep.longrepr, tuple):
+            message = str(rep.longrepr[2])
+        elif crash is not None:
+            message = str(crash.message)[:2000]
+        else:
+            message = rep.longreprtext.strip()[-2000:]
         state(item.config).writer.write(
             "test",
             entry=entry.id if isinstance(entry, Deployment) else None,
