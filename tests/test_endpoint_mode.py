@@ -36,14 +36,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
         yield srv
 
 
-def matrix(tmp_path: Path, **model: str | int) -> Path:
+def matrix(
+    tmp_path: Path, name: str = "tiny-llama4", max_model_len: int = MAX_LEN, **model: str
+) -> Path:
     entry = {
         "id": "remote",
         "source": "self-test",
-        "model": {"family": "tiny", "precision": "bf16", "generate": "tiny-llama4",
-                  "served_model_name": model.pop("name", "tiny-llama4"), **model},
+        "model": {
+            "family": "tiny",
+            "precision": "bf16",
+            "generate": "tiny-llama4",
+            "served_model_name": name,
+            **model,
+        },
         "hardware": {"gpu": "cpu"},
-        "serve": {"max_model_len": model.pop("max_model_len", MAX_LEN)},
+        "serve": {"max_model_len": max_model_len},
         "expect": {"context": {"source": "self-test"}},
     }
     path = tmp_path / "remote.yaml"
@@ -53,17 +60,39 @@ def matrix(tmp_path: Path, **model: str | int) -> Path:
 
 def run_suites(server: VllmServer, matrix_file: Path, tmp_path: Path, *tests: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider",
-         "--endpoint", server.endpoint.base_url, "--entry", "remote",
-         "--matrix", str(matrix_file), "--reports-dir", str(tmp_path), "--run-id", "ep"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            *tests,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--endpoint",
+            server.endpoint.base_url,
+            "--entry",
+            "remote",
+            "--matrix",
+            str(matrix_file),
+            "--reports-dir",
+            str(tmp_path),
+            "--run-id",
+            "ep",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     return out.stdout + out.stderr
 
 
 def test_suites_pass_against_a_running_endpoint(server: VllmServer, tmp_path: Path) -> None:
     out = run_suites(
-        server, matrix(tmp_path), tmp_path, "suites/test_serving.py",
+        server,
+        matrix(tmp_path),
+        tmp_path,
+        "suites/test_serving.py",
         "suites/test_context.py::test_exact_token_prompt",
         "suites/test_context.py::test_overflow_rejected_cleanly",
     )
@@ -75,8 +104,9 @@ def test_suites_pass_against_a_running_endpoint(server: VllmServer, tmp_path: Pa
 def test_endpoint_serving_another_model_is_one_clear_message(
     server: VllmServer, tmp_path: Path
 ) -> None:
-    out = run_suites(server, matrix(tmp_path, name="other-model"), tmp_path,
-                     "suites/test_serving.py")
+    out = run_suites(
+        server, matrix(tmp_path, name="other-model"), tmp_path, "suites/test_serving.py"
+    )
     assert "/v1/models lists ['tiny-llama4'], not the entry's model 'other-model'" in out
     assert "2 failed" in out or "2 errors" in out, out
 
@@ -84,23 +114,38 @@ def test_endpoint_serving_another_model_is_one_clear_message(
 def test_endpoint_with_another_max_model_len_is_one_clear_message(
     server: VllmServer, tmp_path: Path
 ) -> None:
-    out = run_suites(server, matrix(tmp_path, max_model_len=4096), tmp_path,
-                     "suites/test_serving.py")
+    out = run_suites(
+        server, matrix(tmp_path, max_model_len=4096), tmp_path, "suites/test_serving.py"
+    )
     assert f"serves max_model_len {MAX_LEN}, the entry promises 4096" in out, out
 
 
 def test_bad_tokenizer_path_is_one_clear_message(server: VllmServer, tmp_path: Path) -> None:
-    out = run_suites(server, matrix(tmp_path, tokenizer="/nonexistent/tokenizer"), tmp_path,
-                     "suites/test_context.py::test_exact_token_prompt")
+    out = run_suites(
+        server,
+        matrix(tmp_path, tokenizer="/nonexistent/tokenizer"),
+        tmp_path,
+        "suites/test_context.py::test_exact_token_prompt",
+    )
     assert "cannot load tokenizer '/nonexistent/tokenizer'" in out, out
     assert "3 errors" in out, out
 
 
 def test_endpoint_mode_needs_one_entry(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "suites/test_serving.py", "--collect-only",
-         "--endpoint", "http://127.0.0.1:9"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "suites/test_serving.py",
+            "--collect-only",
+            "--endpoint",
+            "http://127.0.0.1:9",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 4
     assert "select its matrix entry with --entry ID" in out.stderr

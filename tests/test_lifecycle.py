@@ -84,7 +84,7 @@ def test_killed_server_is_reported_dead_at_once(server: VllmServer) -> None:
 
 def test_start_that_must_fail_reports_vllms_reason(tmp_path: Path) -> None:
     """A max-model-len far beyond the KV space: ServerStartError with vLLM's own words."""
-    spec = tiny_spec(args=["--max-model-len", "8000000"])
+    spec = tiny_spec(args=["--max-model-len", "3000000"])
     srv = VllmServer(spec, tmp_path / "server.log")
     with pytest.raises(ServerStartError) as info:
         srv.start()

@@ -9,14 +9,22 @@ verified value written back into the matrix entry.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vllm_conformance import calls, gpus, prompts, serving
 from vllm_conformance.launcher import ServerStartError, VllmServer
-from vllm_conformance.matrix import Deployment
+from vllm_conformance.matrix import (
+    Deployment,
+    MatrixError,
+    load_file,
+    load_matrix,
+    matrix_files,
+)
 
 
 class DiscoveryError(RuntimeError):
@@ -160,3 +168,74 @@ def write_back(matrix_file: Path, entry_id: str, max_model_len: int) -> None:
             matrix_file.write_text("".join(lines))
             return
     raise DiscoveryError(f"{matrix_file}: entry '{entry_id}' has no max_model_len line")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``vllm-conformance discover``."""
+    parser.add_argument("entries", nargs="+", metavar="ENTRY", help="matrix entry ids")
+    parser.add_argument("--matrix", type=Path, action="append", help="matrix file or dir")
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=0.93,
+        help="fraction of the KV capacity to verify (Fixstars: ~0.93)",
+    )
+    parser.add_argument(
+        "--round-to",
+        type=int,
+        default=1000,
+        help="round the derived max_model_len down to a multiple of this",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("reports/capacity"),
+        help="directory for capacity.md, capacity.json and server logs",
+    )
+    parser.add_argument("--startup-timeout", type=float, default=900.0)
+    parser.add_argument(
+        "--write-back",
+        action="store_true",
+        help="write the verified max_model_len into the matrix entry",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Discover every named entry; print the table; exit 1 if any entry failed."""
+    try:
+        files = matrix_files(args.matrix or [Path("matrix")])
+        where = {e.id: f for f in files for e in load_file(f)}
+        entries = {e.id: e for e in load_matrix(files)}
+    except MatrixError as exc:
+        print(f"discover: invalid hardware matrix:\n{exc}", file=sys.stderr)
+        return 2
+    rows, failed = [], []
+    for entry_id in args.entries:
+        if entry_id not in entries:
+            print(f"discover: no matrix entry {entry_id!r}", file=sys.stderr)
+            return 2
+        try:
+            row = discover(
+                entries[entry_id], args.out, args.margin, args.round_to, args.startup_timeout
+            )
+        except DiscoveryError as exc:
+            print(f"discover: {exc}", file=sys.stderr)
+            failed.append(entry_id)
+            continue
+        rows.append(row)
+        if args.write_back:
+            write_back(where[entry_id], entry_id, row.verified_max_model_len)
+    md, js = write_tables(rows, args.out)
+    print(markdown_table(rows), end="")
+    print(f"written: {md} {js}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-conformance discover", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
