@@ -1,8 +1,9 @@
 """Capacity discovery end to end on a CPU entry, with the KV space set by VLLM_CPU_KVCACHE_SPACE.
 
-The entry's model has wide KV heads (16 x 256 per layer, 16 KiB per token and layer), so
-1 GiB of CPU KV space holds about 65K tokens and the confirming full-length request stays
-short enough for CI.
+The entry's model has only global attention layers, so "KV cache size" counts real token
+slots (with chunked layers vLLM's hybrid manager reports a figure that moves with
+--max-model-len), and wide KV heads (4 layers x 8 x 128, 16 KiB per token), so 1 GiB of CPU
+KV space holds about 65K tokens and the confirming full-length request stays short.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ ENTRY = {
         "precision": "bf16",
         "generate": "tiny-llama4",
         "served_model_name": "tiny-llama4",
-        "options": {"num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256},
+        "options": {
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "no_rope_layer_interval": 1,
+            "max_position_embeddings": 131072,
+        },
     },
     "hardware": {"gpu": "cpu"},
     "serve": {"max_model_len": 4096, "max_num_seqs": 2, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},

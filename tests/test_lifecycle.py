@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(900)
 
 def tiny_spec(**overrides: object) -> LaunchSpec:
     args = {
-        "model": str(modelgen.materialize("tiny-llama4")),
+        "model": str(modelgen.materialize("tiny-llama4", {"max_position_embeddings": 4194304})),
         "served_model_name": "tiny-llama4",
         "args": ["--max-model-len", "2048", "--max-num-seqs", "4"],
         "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},

@@ -226,6 +226,12 @@ class PerformanceExpect(_Strict):
     workload: Workload
     thresholds: list[Threshold] = Field(default_factory=list)
     slo: dict[str, float] = Field(default_factory=dict, description="goodput SLOs in ms")
+    baseline: str | None = Field(
+        None, description="baseline samples (JSON, relative to the matrix file's project)"
+    )
+    min_effect: float = Field(
+        0.05, ge=0, description="smallest relative slow-down called a regression"
+    )
     source: str
 
 

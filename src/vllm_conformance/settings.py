@@ -56,6 +56,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("reports-dir", "VLLM_CONFORMANCE_REPORTS", "where run reports go", default="reports"),
     Option("run-id", "VLLM_CONFORMANCE_RUN_ID", "name of this run's report directory"),
     Option(
+        "save-baseline",
+        "VLLM_CONFORMANCE_SAVE_BASELINE",
+        "directory to save each entry's performance samples in, as <entry>.json baselines",
+    ),
+    Option(
         "startup-timeout",
         "VLLM_CONFORMANCE_STARTUP_TIMEOUT",
         "seconds a server may take to start",
