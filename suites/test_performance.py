@@ -135,7 +135,10 @@ def test_no_regression_against_baseline(
     path = request.config.rootpath / perf_run.expect.baseline
     assert path.exists(), f"baseline {path} named by the matrix does not exist"
     comparisons = stats.compare_to_baseline(
-        stats.load_baseline(path), perf_run.result, min_effect=perf_run.expect.min_effect
+        stats.load_baseline(path),
+        perf_run.result,
+        metrics=perf_run.expect.compare_metrics,
+        min_effect=perf_run.expect.min_effect,
     )
     worse = stats.regressions(comparisons)
     recorder.record(

@@ -232,6 +232,10 @@ class PerformanceExpect(_Strict):
     min_effect: float = Field(
         0.05, ge=0, description="smallest relative slow-down called a regression"
     )
+    compare_metrics: list[Literal["ttft", "tpot", "itl", "e2el"]] = Field(
+        default_factory=lambda: ["ttft", "tpot", "e2el"],
+        description="per-request latencies compared with the baseline",
+    )
     source: str
 
 
