@@ -16,6 +16,7 @@ import pytest
 
 from fixtures.recorder import Recorder
 from vllm_conformance import calls, gpus, plugin, prompts, serving
+from vllm_conformance.checks import assert_clean_rejection
 from vllm_conformance.endpoint import Endpoint
 from vllm_conformance.launcher import ServerStartError, VllmServer
 from vllm_conformance.matrix import Deployment
@@ -57,17 +58,6 @@ def assert_healthy(endpoint: Endpoint) -> None:
     with endpoint.http(timeout=30) as http:
         assert http.get("/health").status_code == 200, "server unhealthy after a rejection"
     endpoint.probe()
-
-
-def assert_clean_rejection(outcome: calls.Outcome, limit: int) -> None:
-    """HTTP 400 with an OpenAI-style error body whose message names the limit."""
-    assert outcome.status < 500, f"server error {outcome.status}: {outcome.body_excerpt}"
-    assert outcome.status == 400, f"expected 400, got {outcome.status}: {outcome.body_excerpt}"
-    assert outcome.error is not None, f"400 without an error body: {outcome.body_excerpt}"
-    assert outcome.error.type, f"error body has no type: {outcome.body_excerpt}"
-    assert str(limit) in outcome.error.message.replace(",", ""), (
-        f"error message does not name the limit {limit}: {outcome.error.message!r}"
-    )
 
 
 @pytest.mark.parametrize("form", FORMS)
