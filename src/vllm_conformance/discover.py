@@ -229,13 +229,3 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(rows), end="")
     print(f"written: {md} {js}")
     return 1 if failed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vllm-conformance discover", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

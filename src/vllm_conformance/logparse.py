@@ -29,6 +29,8 @@ FAILURE_PATTERNS: dict[str, tuple[re.Pattern[str], ...]] = {
     "oom": (
         re.compile(r"CUDA out of memory|OutOfMemoryError|torch\.OutOfMemoryError"),
         re.compile(r"Cannot allocate memory|MemoryError"),
+        # vLLM CPU: host memory too small for VLLM_CPU_KVCACHE_SPACE.
+        re.compile(r"less than requested memory for kv"),
     ),
 }
 

@@ -202,7 +202,7 @@ def pytest_runtest_makereport(
 def pytest_sessionfinish(session: pytest.Session) -> None:
     st = session.config.stash.get(STATE, None)
     if st is not None and st.worker is None and (st.run_dir / "records").exists():
-        report.finalize(st.run_dir)
+        report.finalize(st.run_dir, complete=session.exitstatus != pytest.ExitCode.INTERRUPTED)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
