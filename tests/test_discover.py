@@ -53,7 +53,8 @@ def test_discovery_verifies_and_writes_back(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "vllm_conformance.discover",
+            "vllm_conformance.cli",
+            "discover",
             "cpu-discover",
             "--matrix",
             str(matrix),
@@ -67,6 +68,7 @@ def test_discovery_verifies_and_writes_back(tmp_path: Path) -> None:
         timeout=1100,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+    assert (tmp_path / "cap" / "capacity.json").exists(), out.stdout + out.stderr
     row = json.loads((tmp_path / "cap" / "capacity.json").read_text())[0]
     assert row["kv_cache_tokens"] > ENTRY["serve"]["max_model_len"]
     assert row["verified_max_model_len"] == derived_length(row["kv_cache_tokens"], 0.93, 1000)

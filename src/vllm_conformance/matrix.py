@@ -174,12 +174,19 @@ class ContextExpect(_Strict):
 
 
 class AccuracyExpect(_Strict):
-    """One lm-eval task with its reported value."""
+    """One lm-eval task with the value it must reach.
+
+    ``against: reported`` compares with a published ``value``; ``against: reference``
+    compares with the score of the reference implementation (transformers, greedy) on the
+    same documents, which is how a generated model is checked for numerics conformance.
+    """
 
     task: str
     metric: str = Field(description="lm-eval result key, e.g. 'exact_match,flexible-extract'")
-    value: float = Field(ge=0, le=1)
+    against: Literal["reported", "reference"] = "reported"
+    value: float | None = Field(None, ge=0, le=1)
     source: str
+    gen_kwargs: dict[str, Any] = Field(default_factory=dict)
     api: Literal["completions", "chat-completions"] = "completions"
     num_fewshot: int | None = Field(None, ge=0)
     apply_chat_template: bool = False
@@ -187,7 +194,15 @@ class AccuracyExpect(_Strict):
     concurrency: PositiveInt = 8
     z: float = Field(2.576, gt=0, description="standard errors allowed (2.576 ~ 99 %)")
     rtol: float | None = Field(None, ge=0, lt=1, description="relative tolerance, vLLM CI style")
-    data: str | None = Field(None, description="local data set path, or an env var as $NAME")
+    data: str | None = Field(
+        None, description="local data set path, $ENV_VAR holding one, or 'fixture'"
+    )
+
+    @model_validator(mode="after")
+    def _value_iff_reported(self) -> AccuracyExpect:
+        if (self.against == "reported") != (self.value is not None):
+            raise ValueError("'value' is given exactly when 'against' is 'reported'")
+        return self
 
 
 class Threshold(_Strict):
