@@ -92,3 +92,16 @@ def test_failure_reason_prefers_the_cause_over_the_last_error() -> None:
     ]
     reason = failure_reason(lines)
     assert reason is not None and reason.kind == "kv_cache"
+
+
+def test_validation_error_reports_vllms_explanation() -> None:
+    lines = [
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
+        "  Value error, User-specified max_model_len (20000000) is greater than the derived "
+        "max_model_len (max_position_embeddings=65536.0 or model_max_length=None in model's "
+        "config.json).",
+        "RuntimeError: Engine core initialization failed. See root cause above.",
+    ]
+    reason = failure_reason(lines)
+    assert reason is not None and reason.kind == "other"
+    assert reason.line.startswith("User-specified max_model_len (20000000)")

@@ -39,9 +39,7 @@ def parse_error(status: int, body: bytes | str) -> ApiError | None:
         return ApiError(status, None, err)
     if not isinstance(err, dict) or "message" not in err:
         return None
-    return ApiError(
-        status, err.get("type"), str(err["message"]), err.get("param"), err.get("code")
-    )
+    return ApiError(status, err.get("type"), str(err["message"]), err.get("param"), err.get("code"))
 
 
 def response_error(response: httpx.Response) -> ApiError | None:

@@ -111,6 +111,9 @@ class VllmServer:
 
     def _environment(self) -> dict[str, str]:
         env = {**os.environ, **self.spec.env, procs.TAG_VAR: self.tag}
+        # vLLM's setproctitle would overwrite /proc/PID/environ of its engine and workers,
+        # erasing the tag that teardown sweeps for.
+        env.setdefault("SPT_NOENV", "1")
         env.pop("VLLM_API_KEY", None)
         if self.spec.api_key:
             env["VLLM_API_KEY"] = self.spec.api_key

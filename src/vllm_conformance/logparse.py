@@ -89,10 +89,15 @@ def failure_reason(lines: Iterable[str]) -> FailureReason | None:
     always sees vLLM's own words.
     """
     last_error: str | None = None
+    explanation: str | None = None
     for line in lines:
         for kind, patterns in FAILURE_PATTERNS.items():
             if any(p.search(line) for p in patterns):
                 return FailureReason(kind, line.strip())
-        if re.search(r"\b\w*(Error|Exception)\b", line):
+        # A pydantic validation error puts vLLM's own explanation on the line after it.
+        if m := re.match(r"\s*Value error, (.+)", line):
+            explanation = explanation or m.group(1).strip()
+        elif re.search(r"\b\w*(Error|Exception)\b", line):
             last_error = line.strip()
+    last_error = explanation or last_error
     return FailureReason("other", last_error) if last_error else None

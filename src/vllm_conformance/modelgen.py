@@ -32,6 +32,7 @@ class Builder(Protocol):
 RECIPES: dict[str, str] = {
     "tiny-llama4": "vllm_conformance.tinymodel",
     "trained-arith": "vllm_conformance.trained",
+    "tiny-idefics3": "vllm_conformance.vlmgen",
 }
 
 

@@ -17,8 +17,12 @@ from pathlib import Path
 TAG_VAR = "VLLM_CONFORMANCE_TAG"
 
 
-def tagged_pids(tag: str) -> list[int]:
-    """PIDs of live processes whose environment holds ``VLLM_CONFORMANCE_TAG=tag``."""
+def tagged_pids(tag: str, session: int | None = None) -> list[int]:
+    """Live processes whose environment holds ``VLLM_CONFORMANCE_TAG=tag``.
+
+    With ``session`` (the server's PID: it leads its own session), processes of that
+    session count too, in case one rewrote its environment.
+    """
     needle = f"{TAG_VAR}={tag}".encode()
     pids = []
     for proc in Path("/proc").iterdir():
@@ -26,10 +30,11 @@ def tagged_pids(tag: str) -> list[int]:
             continue
         try:
             environ = (proc / "environ").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if state != "Z" and needle in environ.split(b"\0"):
+        state, sid = stat[0], int(stat[4])
+        if state != "Z" and (needle in environ.split(b"\0") or sid == session):
             pids.append(int(proc.name))
     return pids
 
@@ -40,9 +45,9 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
 
 
-def _wait_gone(tag: str, timeout: float) -> list[int]:
+def _wait_gone(tag: str, session: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
-    while (left := tagged_pids(tag)) and time.monotonic() < deadline:
+    while (left := tagged_pids(tag, session)) and time.monotonic() < deadline:
         # /proc offers no wait primitive for non-children; poll at a short interval.
         time.sleep(0.1)
     return left
@@ -55,10 +60,10 @@ def end_process_group(pgid: int, tag: str, grace: float = 20.0) -> list[int]:
     """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
-    left = _wait_gone(tag, grace)
+    left = _wait_gone(tag, pgid, grace)
     if left:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        _signal_all(tagged_pids(tag), signal.SIGKILL)
-        left = _wait_gone(tag, 10.0)
+        _signal_all(tagged_pids(tag, pgid), signal.SIGKILL)
+        left = _wait_gone(tag, pgid, 10.0)
     return left

@@ -228,6 +228,7 @@ class ServerLatency:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (NaN and inf as None)."""
+
         def clean(v: Any) -> Any:
             if isinstance(v, float) and not math.isfinite(v):
                 return None
@@ -260,6 +261,7 @@ def server_latencies(
         h = after.histograms[name] - before.histograms.get(name, Histogram(name))
         if h.count <= 0:
             continue
+
         def ms(b: tuple[float, float]) -> tuple[float, float]:
             return (b[0] * 1000.0, b[1] * 1000.0)
 

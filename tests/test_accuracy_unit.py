@@ -1,0 +1,351 @@
+"""Pure checks of the accuracy library: statistics, data resolution, fixtures, prompts.
+
+No server here (the end-to-end accuracy run lives with the suites); lm-eval is only used,
+where installed, to render the real task prompts from the bundled fixtures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from vllm_conformance import accuracy as acc
+from vllm_conformance import trained
+
+HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-eval is not installed")
+
+
+# --- statistics --------------------------------------------------------------------------
+
+
+def test_binomial_stderr_is_lm_evals_formula() -> None:
+    scores = [1.0] * 30 + [0.0] * 10
+    p, n = sum(scores) / len(scores), len(scores)
+    sample_sd = math.sqrt(sum((x - p) ** 2 for x in scores) / (n - 1))
+    assert acc.binomial_stderr(p, n) == pytest.approx(sample_sd / math.sqrt(n))
+    assert acc.binomial_stderr(0.75, 40) == pytest.approx(math.sqrt(0.75 * 0.25 / 39))
+    assert acc.binomial_stderr(1.0, 10) == 0.0
+
+
+@needs_lm_eval
+def test_binomial_stderr_matches_lm_eval_mean_stderr() -> None:
+    from lm_eval.api.metrics import mean_stderr
+
+    scores = [1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 0]
+    p = sum(scores) / len(scores)
+    assert acc.binomial_stderr(p, len(scores)) == pytest.approx(mean_stderr(scores))
+
+
+@pytest.mark.parametrize(("p", "n"), [(0.5, 1), (0.5, 0), (1.5, 10), (-0.1, 10)])
+def test_binomial_stderr_rejects_bad_input(p: float, n: int) -> None:
+    with pytest.raises(ValueError):
+        acc.binomial_stderr(p, n)
+
+
+def test_wilson_interval_known_values() -> None:
+    lo, hi = acc.wilson_interval(0.5, 100, z=1.96)
+    assert (lo, hi) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
+    lo, hi = acc.wilson_interval(1.0, 50, z=1.96)
+    assert hi == 1.0 and 0.92 < lo < 0.93  # never the degenerate [1, 1] of p ± z·se
+
+
+def test_check_reported_inside_and_outside_z_band() -> None:
+    inside = acc.check_reported(0.80, 0.02, 0.85, z=2.576)
+    assert inside.passed
+    assert inside.tolerance == pytest.approx(2.576 * 0.02)
+    assert inside.margin == pytest.approx(2.576 * 0.02 - 0.05)
+    outside = acc.check_reported(0.79, 0.02, 0.85, z=2.576)
+    assert not outside.passed and outside.margin < 0
+    # two-sided: far above the reported value is also a failure ...
+    assert not acc.check_reported(0.95, 0.02, 0.85).passed
+    # ... unless only a shortfall counts
+    above = acc.check_reported(0.95, 0.02, 0.85, one_sided=True)
+    assert above.passed and above.margin == pytest.approx(above.tolerance)
+
+
+def test_check_reported_rtol_widens_never_narrows() -> None:
+    # vLLM CI: measured >= target * (1 - 0.08); 0.83 vs 0.89 is within 8 %
+    ci = acc.check_reported(0.83, 0.005, 0.89, rtol=0.08, one_sided=True)
+    assert ci.passed and ci.tolerance == pytest.approx(0.08 * 0.89)
+    # a tiny rtol cannot make the statistical allowance smaller
+    wide = acc.check_reported(0.80, 0.03, 0.85, rtol=0.001)
+    assert wide.passed and wide.tolerance == pytest.approx(2.576 * 0.03)
+    assert "max(" in wide.rule
+
+
+def test_check_reported_adds_reported_stderr_in_quadrature() -> None:
+    v = acc.check_reported(0.80, 0.03, 0.85, z=2.0, reported_stderr=0.04)
+    assert v.tolerance == pytest.approx(2.0 * 0.05)
+    assert v.expected_stderr == 0.04
+
+
+def test_check_reported_needs_stderr_for_a_bare_value() -> None:
+    with pytest.raises(ValueError):
+        acc.check_reported(0.8, None, 0.8)
+    assert acc.check_reported(acc.Score(0.8, 0.01, 100), None, 0.8).passed
+
+
+def test_compare_scores_is_symmetric_quadrature() -> None:
+    a, b = acc.Score(0.78, 0.034, 150), acc.Score(0.84, 0.030, 150)
+    ab, ba = acc.compare_scores(a, b), acc.compare_scores(b, a)
+    assert ab.tolerance == pytest.approx(2.576 * math.hypot(0.034, 0.030))
+    assert ab.tolerance == pytest.approx(ba.tolerance)
+    assert ab.passed and ba.passed and ab.margin == pytest.approx(ba.margin)
+    broken = acc.Score(0.10, 0.025, 150)
+    verdict = acc.compare_scores(broken, b)
+    assert not verdict.passed and verdict.margin < -0.5
+
+
+def test_compare_scores_perfect_runs() -> None:
+    # both at 1.0: zero standard errors, equal values pass with zero margin
+    assert acc.compare_scores(acc.Score(1.0, 0.0, 50), acc.Score(1.0, 0.0, 50)).passed
+    assert not acc.compare_scores(acc.Score(0.98, 0.0, 50), acc.Score(1.0, 0.0, 50)).passed
+
+
+def test_compare_paired() -> None:
+    ref = {f"t/{i}": float(i % 5 != 0) for i in range(200)}
+    same = acc.compare_paired(dict(ref), ref)
+    assert same.passed and same.tolerance == 0.0 and "0 differ" in same.rule
+    # a few flips both ways: noise
+    noisy = dict(ref)
+    for k in ("t/0", "t/1", "t/5", "t/6"):
+        noisy[k] = 1.0 - noisy[k]
+    assert acc.compare_paired(noisy, ref).passed
+    # twelve documents lost, none gained: a real regression, though 0.74 vs 0.80 would
+    # pass the unpaired rule at n=200
+    worse = dict(ref)
+    for i in [1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13, 14]:
+        worse[f"t/{i}"] = 0.0
+    verdict = acc.compare_paired(worse, ref)
+    assert not verdict.passed
+    unpaired = acc.compare_scores(
+        acc.Score(verdict.value, acc.binomial_stderr(verdict.value, 200), 200),
+        acc.Score(verdict.expected, acc.binomial_stderr(verdict.expected, 200), 200),
+    )
+    assert unpaired.passed
+    with pytest.raises(ValueError, match="different documents"):
+        acc.compare_paired({"t/0": 1.0, "t/1": 1.0}, {"t/0": 1.0, "t/2": 1.0})
+
+
+def test_split_metric() -> None:
+    assert acc.split_metric("exact_match,strict-match") == ("exact_match", "strict-match")
+    assert acc.split_metric("relaxed_accuracy,none") == ("relaxed_accuracy", "none")
+    assert acc.split_metric("exact_match") == ("exact_match", "none")
+
+
+def _fake_results(stderr: object) -> dict[str, object]:
+    samples = [
+        {"doc_id": i, "filter": f, "exact_match": float(i < 3)}
+        for i in range(4)
+        for f in ("strict-match", "flexible-extract")
+    ]
+    return {
+        "results": {
+            "gsm8k": {
+                "exact_match,strict-match": 0.75,
+                "exact_match_stderr,strict-match": stderr,
+                "exact_match,flexible-extract": 0.75,
+                "exact_match_stderr,flexible-extract": stderr,
+            }
+        },
+        "n-samples": {"gsm8k": {"original": 150, "effective": 4}},
+        "versions": {"gsm8k": 3.0},
+        "n-shot": {"gsm8k": 0},
+        "samples": {"gsm8k": samples},
+    }
+
+
+def test_parse_results_uses_lm_eval_stderr() -> None:
+    r = acc.parse_results(_fake_results(0.25), "gsm8k", "exact_match,strict-match")
+    assert (r.value, r.stderr, r.n, r.stderr_source) == (0.75, 0.25, 4, "lm-eval")
+    assert r.per_doc == {"gsm8k/0": 1.0, "gsm8k/1": 1.0, "gsm8k/2": 1.0, "gsm8k/3": 0.0}
+    assert r.task_versions == {"gsm8k": 3.0} and r.n_shot == {"gsm8k": 0}
+
+
+def test_parse_results_computes_stderr_when_not_available() -> None:
+    # bootstrap_iters=0 makes lm-eval report the string "N/A"
+    r = acc.parse_results(_fake_results("N/A"), "gsm8k", "exact_match,flexible-extract")
+    assert r.stderr_source == "computed"
+    assert r.stderr == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+    with pytest.raises(KeyError, match="have:"):
+        acc.parse_results(_fake_results(0.1), "gsm8k", "exact_match,custom-extract")
+
+
+def test_result_select_other_filter() -> None:
+    r = acc.parse_results(_fake_results(0.25), "gsm8k", "exact_match,strict-match")
+    flex = r.select("exact_match,flexible-extract")
+    assert (flex.metric, flex.filter, flex.value) == ("exact_match", "flexible-extract", 0.75)
+    assert set(flex.others) == {"exact_match,strict-match"}
+    assert flex.select("exact_match,strict-match") == r
+    assert acc.AccuracyResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def _group_samples() -> list[dict[str, object]]:
+    return [{"doc_id": i, "filter": "custom-extract", "exact_match": float(i == 0)} for i in (0, 1)]
+
+
+def test_parse_results_group_sums_leaves() -> None:
+    out = {
+        "results": {"mmlu_pro": {"exact_match,custom-extract": 0.5}},
+        "groups": {"mmlu_pro": {"exact_match,custom-extract": 0.5}},
+        "group_subtasks": {"mmlu_pro": ["mmlu_pro_law", "mmlu_pro_math"]},
+        "n-samples": {
+            "mmlu_pro_law": {"effective": 2, "original": 2},
+            "mmlu_pro_math": {"effective": 2, "original": 2},
+        },
+        "samples": {t: _group_samples() for t in ("mmlu_pro_law", "mmlu_pro_math")},
+    }
+    r = acc.parse_results(out, "mmlu_pro", "exact_match,custom-extract")
+    assert r.n == 4 and len(r.per_doc) == 4 and r.stderr_source == "computed"
+
+
+# --- data resolution ---------------------------------------------------------------------
+
+
+def test_resolve_data_missing_path_names_task_and_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(acc.AccuracyDataError) as err:
+        acc.resolve_data("gsm8k", missing)
+    assert "'gsm8k'" in str(err.value) and str(missing) in str(err.value)
+
+
+def test_resolve_data_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CONFORMANCE_MMLU_PRO", raising=False)
+    with pytest.raises(acc.AccuracyDataError, match=r"\$VLLM_CONFORMANCE_MMLU_PRO"):
+        acc.resolve_data("mmlu_pro", None)
+    with pytest.raises(acc.AccuracyDataError, match=r"\$MY_DATA, which is not set"):
+        acc.resolve_data("mmlu_pro", "$MY_DATA")
+    monkeypatch.setenv("VLLM_CONFORMANCE_MMLU_PRO", str(tmp_path))
+    assert acc.resolve_data("mmlu_pro", None) == tmp_path.resolve()
+    monkeypatch.setenv("MY_DATA", str(tmp_path / "gone"))
+    with pytest.raises(acc.AccuracyDataError, match=r"from \$MY_DATA"):
+        acc.resolve_data("mmlu_pro", "$MY_DATA")
+
+
+def test_resolve_data_fixture() -> None:
+    assert acc.resolve_data("gsm8k", "fixture") == acc.DATA_ROOT / "gsm8k"
+    with pytest.raises(acc.AccuracyDataError, match="no self-made fixture"):
+        acc.resolve_data("gpqa", "fixture")
+
+
+def test_find_split_files_layouts(tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "test.jsonl").write_text("{}\n")
+    assert acc.find_split_files(flat, "test") == [flat / "test.jsonl"]
+    assert acc.find_split_files(flat, "train") == []
+    hub = tmp_path / "hub"  # openai/gsm8k as snapshot_download leaves it
+    for cfg in ("main", "socratic"):
+        (hub / cfg).mkdir(parents=True)
+        (hub / cfg / "test-00000-of-00001.parquet").write_bytes(b"")
+    assert acc.find_split_files(hub, "test", "main") == [hub / "main/test-00000-of-00001.parquet"]
+    data = tmp_path / "mmlu"  # TIGER-Lab/MMLU-Pro
+    (data / "data").mkdir(parents=True)
+    (data / "data" / "validation-00000-of-00001.parquet").write_bytes(b"")
+    assert acc.find_split_files(data, "validation") == [
+        data / "data/validation-00000-of-00001.parquet"
+    ]
+
+
+def test_env_var_names() -> None:
+    assert acc.env_var("mmlu_pro") == "VLLM_CONFORMANCE_MMLU_PRO"
+    assert acc.env_var("gsm8k") == "VLLM_CONFORMANCE_GSM8K"
+
+
+# --- fixtures ----------------------------------------------------------------------------
+
+
+def _jsonl(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_gsm8k_fixture_answers_are_right() -> None:
+    for split in ("test", "train"):
+        for doc in _jsonl(acc.DATA_ROOT / "gsm8k" / f"{split}.jsonl"):
+            answer = str(doc["answer"])
+            m = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)\.\n#### (\d+)", answer)
+            assert m, answer
+            a, op, b, c, final = m.groups()
+            assert int(c) == int(final) == eval(f"{a}{op}{b}")
+
+
+def test_mmlu_pro_fixture_schema() -> None:
+    docs = _jsonl(acc.DATA_ROOT / "mmlu_pro" / "test.jsonl")
+    val = _jsonl(acc.DATA_ROOT / "mmlu_pro" / "validation.jsonl")
+    assert {d["category"] for d in docs} == set(trained.MMLU_PRO_CATEGORIES)
+    assert len(val) == 70 and len(docs) == 140
+    for doc in docs + val:
+        assert set(doc) == {"question_id", "question", "options", "answer", "answer_index",
+                            "cot_content", "category", "src"}  # fmt: skip
+        options = doc["options"]
+        assert isinstance(options, list) and len(options) == 10 and len(set(options)) == 10
+        assert doc["answer"] == "ABCDEFGHIJ"[int(doc["answer_index"])]
+        # the worked answer reads the options out up to the right one
+        walk = r"= (\d+)\.\n(?:[A-J]\. \d+ vs \d+ no\n)*([A-J])\. (\d+) vs \d+ yes\n"
+        walk += r"The answer is \(([A-J])\)\.$"
+        m = re.search(walk, str(doc["cot_content"]))
+        assert m and m.group(2) == m.group(4) == doc["answer"]
+        assert options[int(doc["answer_index"])] == m.group(1) == m.group(3)
+    assert not {d["question"] for d in docs} & {d["question"] for d in val}
+
+
+def test_fixtures_are_regenerated_exactly(tmp_path: Path) -> None:
+    pytest.importorskip("datasets")
+    pytest.importorskip("PIL")
+    from vllm_conformance.data.accuracy import generate
+
+    for path in generate.write_all(tmp_path):
+        if path.suffix == ".jsonl":
+            committed = acc.DATA_ROOT / path.relative_to(tmp_path)
+            assert path.read_bytes() == committed.read_bytes(), path
+
+
+# --- prompts: the recipe trains on what lm-eval sends ------------------------------------
+
+
+@needs_lm_eval
+def test_training_prompts_equal_lm_eval_prompts(tmp_path: Path) -> None:
+    from lm_eval.tasks import TaskManager
+
+    data = {t: acc.resolve_data(t, "fixture") for t in ("gsm8k", "mmlu_pro")}
+    acc.write_task_overrides(tmp_path, data, num_fewshot={"gsm8k": 0, "mmlu_pro": 0})
+    loaded = TaskManager(include_path=str(tmp_path)).load(["gsm8k", "mmlu_pro"])["tasks"]
+    gsm8k = loaded["gsm8k"]
+    docs = list(gsm8k.eval_docs)
+    assert len(docs) == 150
+    for doc in docs[:20]:
+        assert gsm8k.fewshot_context(doc, 0) == trained.gsm8k_prompt(doc)
+    for name, task in loaded.items():
+        if not name.startswith("mmlu_pro_"):
+            continue
+        for doc in list(task.eval_docs)[:3]:
+            assert task.fewshot_context(doc, 0) == trained.mmlu_pro_prompt(doc)
+            chat = task.fewshot_context(doc, 0, apply_chat_template=True, chat_template=_capture)
+            assert chat == [
+                {"role": "system", "content": trained.mmlu_pro_description(doc["category"])},
+                {"role": "user", "content": trained.mmlu_pro_question(doc)},
+            ]
+
+
+def _capture(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> object:
+    return messages
+
+
+@needs_lm_eval
+def test_missing_split_for_few_shot_is_one_clear_error(tmp_path: Path) -> None:
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    (data / "test.jsonl").write_bytes((acc.DATA_ROOT / "gsm8k" / "test.jsonl").read_bytes())
+    out = tmp_path / "tasks"
+    # zero-shot: the train split is not needed
+    files = acc.write_task_overrides(out, {"gsm8k": data}, num_fewshot={"gsm8k": 0})
+    assert files["gsm8k"]["train"] == files["gsm8k"]["test"]
+    expected = r"'gsm8k'.*'train' split.*" + re.escape(str(data))
+    with pytest.raises(acc.AccuracyDataError, match=expected):
+        acc.write_task_overrides(out, {"gsm8k": data}, num_fewshot={"gsm8k": 5})
