@@ -239,3 +239,44 @@ def test_generated_corruption_is_valid_or_one_clear_error(
             assert line.startswith(f"{path}: entry 'second': field '")
     else:
         assert key != "bogus"
+
+
+def test_known_issue_patterns_take_brackets_literally() -> None:
+    from vllm_conformance.matrix import KnownIssue
+
+    issue = KnownIssue(test="test_bad_input[*-stream-invalid_utf8]", reason="r", source="s")
+    assert issue.matches("test_bad_input[cpu-chat-stream-invalid_utf8]")
+    assert not issue.matches("test_bad_input[cpu-chat-plain-invalid_utf8]")
+    assert not issue.matches("test_bad_input_x")
+
+
+def test_known_issues_become_strict_xfails(deployments: list[Deployment]) -> None:
+    """The cpu entry's fuzz findings mark exactly the tests they name (at collection)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "suites/test_robustness.py",
+            "--collect-only",
+            "-q",
+            "--entry",
+            "cpu",
+            "-m",
+            "cpu",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=MATRIX.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    cpu = next(d for d in deployments if d.id == "cpu")
+    names = [line.split("::", 1)[1] for line in out.stdout.splitlines() if "::" in line]
+    marked = [n for n in names if any(i.matches(n) for i in cpu.expect.known_issues)]
+    assert 0 < len(marked) < len(names)

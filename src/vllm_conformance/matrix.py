@@ -262,9 +262,14 @@ class KnownIssue(_Strict):
     entry is updated instead of a finding silently going stale.
     """
 
-    test: str = Field(description="fnmatch pattern on the test name, e.g. 'test_bad_input[*]'")
+    test: str = Field(description="test name, '*' matching anything: 'test_bad_input[*-x]'")
     reason: str
     source: str
+
+    def matches(self, test_name: str) -> bool:
+        """Whether ``test_name`` (with its parameters) is one this issue names."""
+        pattern = ".*".join(re.escape(part) for part in self.test.split("*"))
+        return re.fullmatch(pattern, test_name) is not None
 
 
 class Expect(_Strict):

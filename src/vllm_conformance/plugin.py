@@ -14,7 +14,6 @@ Suite-level markers:
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import signal
 import threading
@@ -180,7 +179,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if not isinstance(entry, Deployment):
             continue
         for issue in entry.expect.known_issues:
-            if fnmatch.fnmatchcase(item.name, issue.test):
+            if issue.matches(item.name):
                 item.add_marker(
                     pytest.mark.xfail(strict=True, reason=f"{issue.reason} ({issue.source})")
                 )
