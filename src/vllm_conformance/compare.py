@@ -928,17 +928,7 @@ def compare_paths(old: str | Path, new: str | Path, options: Options | None = No
 
 
 def _cell(value: Any, limit: int = 120) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        text = f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    elif isinstance(value, int) and not isinstance(value, bool):
-        text = f"{value:,}"
-    elif isinstance(value, (dict, list)):
-        text = json.dumps(value, default=str)
-    else:
-        text = str(value)
-    text = text.replace("|", "\\|").replace("\n", " ")
+    text = report_mod.format_value(value).replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -8,7 +8,6 @@ system can publish as an artifact and a person can open from disk.
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -30,16 +29,7 @@ tr.note td{color:#57606a}.small{color:#57606a;font-size:12px}
 
 
 def _e(value: Any, limit: int = 300) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        text = f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    elif isinstance(value, int) and not isinstance(value, bool):
-        text = f"{value:,}"
-    elif isinstance(value, (dict, list)):
-        text = json.dumps(value, default=str)
-    else:
-        text = str(value)
+    text = report_mod.format_value(value)
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return html.escape(text)

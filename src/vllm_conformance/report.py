@@ -506,3 +506,16 @@ def finalize(run_dir: Path, *, complete: bool | None = True, html: bool = True) 
 
         (run_dir / "summary.html").write_text(htmlreport.render_report(report))
     return report
+
+
+def format_value(value: Any) -> str:
+    """A measured value as a person reads it in a table: 12,345 and 0.1235, ``-`` for none."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    return str(value)
