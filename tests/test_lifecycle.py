@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,3 +102,17 @@ def test_unreachable_endpoint_is_one_clear_message() -> None:
 
     with pytest.raises(EndpointError, match="endpoint unreachable"):
         connect(f"http://127.0.0.1:{free_port()}")
+
+
+def test_sweep_finds_a_session_member_without_the_tag() -> None:
+    """A process that lost the tag (vLLM rewrites titles; a dying process has no environment
+    left to read) is still found through the session its server leads."""
+    env = {k: v for k, v in os.environ.items() if k != procs.TAG_VAR}
+    child = subprocess.Popen(["sleep", "300"], env=env, start_new_session=True)
+    try:
+        assert child.pid not in procs.tagged_pids("no-such-tag")
+        assert child.pid in procs.tagged_pids("no-such-tag", session=child.pid)
+        assert procs.end_process_group(child.pid, "no-such-tag", grace=5) == []
+    finally:
+        child.kill()
+        child.wait()

@@ -33,7 +33,8 @@ def tagged_pids(tag: str, session: int | None = None) -> list[int]:
             stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        state, sid = stat[0], int(stat[4])
+        # After the command name: state, ppid, pgrp, session, tty_nr, ...
+        state, sid = stat[0], int(stat[3])
         if state != "Z" and (needle in environ.split(b"\0") or sid == session):
             pids.append(int(proc.name))
     return pids
