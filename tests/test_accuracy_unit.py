@@ -286,9 +286,11 @@ def test_mmlu_pro_fixture_schema() -> None:
         options = doc["options"]
         assert isinstance(options, list) and len(options) == 10 and len(set(options)) == 10
         assert doc["answer"] == "ABCDEFGHIJ"[int(doc["answer_index"])]
-        m = re.search(r"= (\d+) ([A-J])\.\nThe answer is \(([A-J])\)\.$", str(doc["cot_content"]))
-        assert m and m.group(2) == m.group(3) == doc["answer"]
-        assert options[int(doc["answer_index"])] == m.group(1)
+        # the worked answer reads the options out up to the one equal to the result
+        walk = r"= (\d+) \(target\)\.\n(?:[A-J]\. \d+\n)*([A-J])\. (\d+) \(target\)\.\n"
+        m = re.search(walk + r"The answer is \(([A-J])\)\.$", str(doc["cot_content"]))
+        assert m and m.group(2) == m.group(4) == doc["answer"]
+        assert options[int(doc["answer_index"])] == m.group(1) == m.group(3)
     assert not {d["question"] for d in docs} & {d["question"] for d in val}
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 BOS = "<|begin_of_text|>"
 EOS = "<|eot|>"
@@ -117,6 +117,8 @@ _MMLU_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: follows the result in MMLU-Pro worked answers, and the option that equals it
+_MARK = "(target)."
 #: every number a problem or an option can hold is below this (and is one token)
 _MAX_NUMBER = 200
 
@@ -157,17 +159,19 @@ def mmlu_pro_doc(rng: random.Random, category: str, question_id: int) -> dict[st
     rng.shuffle(options)
     index = options.index(str(c))
     letter = MMLU_PRO_LETTERS[index]
-    # The worked answer writes the result, then at once the letter of the option holding it:
-    # predicting the letter at the result token is one attention step (to the same token
-    # among the options, which learned to carry their letter), see _same_token_head.
+    # The worked answer reads the options out until the one that holds the result, which it
+    # marks as the result line was marked. Both steps are copies from earlier in the text
+    # (the next option from the prompt; the marker that followed the same number before),
+    # the operation small transformers learn first; looking a letter up by value is not.
+    walk = "\n".join(f"{MMLU_PRO_LETTERS[i]}. {options[i]}" for i in range(index + 1))
     return {
         "question_id": question_id,
         "question": question,
         "options": options,
         "answer": letter,
         "answer_index": index,
-        "cot_content": f"A: Let's think step by step. {a} {op} {b} = {c} {letter}.\n"
-        f"The answer is ({letter}).",
+        "cot_content": f"A: Let's think step by step. {a} {op} {b} = {c} {_MARK}\n{walk} "
+        f"{_MARK}\nThe answer is ({letter}).",
         "category": category,
         "src": MMLU_PRO_SRC,
     }
@@ -271,12 +275,15 @@ class TrainOptions:
     """Knobs of the recipe; every one is part of the cache key (``materialize`` options)."""
 
     seed: int = 1234
-    steps: int = 600
-    batch_size: int = 32
+    steps: int = 900
+    batch_size: int = 24
     lr: float = 3e-3
     hidden_size: int = 128
     layers: int = 4
     experts: int = 4
+    heads: int = 4
+    #: loss weight of the tokens that decide a multiple-choice answer (see _weights)
+    decision_weight: float = 5.0
     chat_fraction: float = 0.25
     threads: int = 2
 
@@ -307,19 +314,18 @@ def _stream(seed: int, holdout: set[str]) -> Iterator[tuple[str, dict[str, Any]]
 def _tokenizer_corpus() -> Iterable[str]:
     """Every word the generators write, plus every number they can write, with and without
     a leading space; BPE then merges each of them into one token."""
-    words: set[str] = set()
-    texts = [CHAT_TEMPLATE, mmlu_pro_question({"question": "", "options": []})]
-    texts += [mmlu_pro_description(c) for c in MMLU_PRO_CATEGORIES]
-    texts += [t for ts in (*_GSM8K_TEMPLATES.values(), *_MMLU_TEMPLATES.values()) for t in ts]
-    texts += [" ".join(_NAMES), " ".join(_ITEMS), "Question: Answer: #### = + - * ."]
-    texts += ["system user assistant"]
+    rng = random.Random(0)
+    texts = [CHAT_TEMPLATE, "system user assistant", " ".join(MMLU_PRO_LETTERS)]
+    texts += [" ".join(_NAMES), " ".join(_ITEMS)]
     texts += [" ".join((p, *things)) for p, things in _PLACES.values()]
-    texts += [
-        ", option (" + letter + "). The answer is (" + letter + ")." for letter in MMLU_PRO_LETTERS
-    ]
-    texts += ["\n" + letter + ". 1" for letter in MMLU_PRO_LETTERS]
+    for category in MMLU_PRO_CATEGORIES * 20:
+        for doc, kind in ((gsm8k_doc(rng), "gsm8k"), (mmlu_pro_doc(rng, category, 0), "mmlu")):
+            texts += [p + c for p, c in _examples(doc, kind)]
+    words: set[str] = set()
     for text in texts:
-        words.update(text.replace("{", " ").replace("}", " ").split())
+        for special in SPECIAL_TOKENS:
+            text = text.replace(special, " ")
+        words.update(text.split())
     numbers = [str(v) for v in range(_MAX_NUMBER)]
     for word in sorted(words) + numbers:
         yield word
@@ -374,7 +380,9 @@ def build_tokenizer(out_dir: Path) -> Any:
 def _model_config(opts: TrainOptions, vocab_size: int, tok: Any) -> Any:
     from transformers import Llama4TextConfig
 
-    heads = opts.hidden_size // 64  # head_dim 64: the CPU attention kernels need >= 32
+    # head_dim 64 (vLLM's CPU attention has no kernel for small heads); more heads than
+    # hidden_size / head_dim, since copying and matching want many small circuits.
+    heads = opts.heads
     return Llama4TextConfig(
         vocab_size=vocab_size,
         hidden_size=opts.hidden_size,
@@ -382,7 +390,7 @@ def _model_config(opts: TrainOptions, vocab_size: int, tok: Any) -> Any:
         intermediate_size_mlp=4 * opts.hidden_size,
         num_hidden_layers=opts.layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=heads // 2,  # grouped-query attention, as in Llama 4
         head_dim=64,
         num_local_experts=opts.experts,
         num_experts_per_tok=1,
@@ -417,26 +425,6 @@ def _batch(pairs: list[tuple[str, str]], tok: Any, pad_id: int) -> tuple[Any, An
     return ids, where, targets
 
 
-def _same_token_head(model: Any, config: Any) -> None:
-    """Start one head of the NoPE layer as a same-token detector (query weights = key weights).
-
-    Multiple choice needs "find the option equal to the result and read its letter". Left to
-    chance, that content lookup forms late (a long loss plateau); started from q = k, the head
-    attends to earlier copies of the current token from step one, and training only has to
-    learn what to read there. Gradient descent is free to change it afterwards.
-    """
-    import torch
-
-    layer = next(i for i, rope in enumerate(config.no_rope_layers) if not rope)
-    attn = model.model.layers[layer].self_attn
-    d = config.head_dim
-    with torch.no_grad():
-        # |W x|^2 / sqrt(d) of about 6 for an RMS-normalised x: a sharp but trainable peak
-        w = torch.randn(d, config.hidden_size) * (6.0 / config.hidden_size) ** 0.5
-        attn.k_proj.weight[:d] = w
-        attn.q_proj.weight[:d] = w
-
-
 def train(out_dir: Path, opts: TrainOptions, log: Any = print) -> dict[str, Any]:
     """Train and save the model and tokenizer to ``out_dir``; return training statistics."""
     import torch
@@ -449,7 +437,6 @@ def train(out_dir: Path, opts: TrainOptions, log: Any = print) -> dict[str, Any]
     vocab = 64 * math.ceil(len(tok) / 64)
     config = _model_config(opts, vocab, tok)
     model = Llama4ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    _same_token_head(model, config)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
@@ -466,6 +453,12 @@ def train(out_dir: Path, opts: TrainOptions, log: Any = print) -> dict[str, Any]
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (opts.steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
+    # Where an MMLU-Pro answer is decided: after each option read out, the mark (this is the
+    # one) or a newline (go on), and the letters. They are a few tokens among many, so their
+    # loss is weighted up (both choices alike: weighting only the mark teaches early stops).
+    decisive = torch.tensor(
+        [tok.convert_tokens_to_ids(t) for t in ("Ġ(", "Ċ", *MMLU_PRO_LETTERS)], dtype=torch.long
+    )
     stream = _stream(opts.seed, _holdout_questions())
     rng = random.Random(opts.seed + 1)
     start, losses = time.monotonic(), []
@@ -483,7 +476,9 @@ def train(out_dir: Path, opts: TrainOptions, log: Any = print) -> dict[str, Any]
         ids, where, targets = _batch(pairs, tok, tok.pad_token_id)
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
         logits = model.lm_head(hidden[where])
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+        losses_tok = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        weights = torch.where(torch.isin(targets, decisive), opts.decision_weight, 1.0)
+        loss = (losses_tok * weights).sum() / weights.sum()
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
