@@ -5,7 +5,8 @@ flag and the expectation: a chat request with N images is served, one with N+1 i
 with a 400 and an OpenAI-style error body, and the server keeps serving afterwards. Entries
 without an image limit skip at once, before any server starts.
 
-Images are tiny generated PNGs sent as ``data:`` URLs, so nothing is downloaded.
+Images are tiny generated PNGs sent as ``data:`` URLs, so nothing is downloaded; the ChartQA
+test sends the shipped fixture charts through lm-eval.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import itertools
 import json
 from typing import Any
 
+import pyarrow.parquet
 import pytest
 
 from fixtures.recorder import Recorder
-from vllm_conformance import fuzz
+from vllm_conformance import accuracy, fuzz
 from vllm_conformance.endpoint import Endpoint
-from vllm_conformance.matrix import Deployment
+from vllm_conformance.matrix import AccuracyExpect, Deployment
+from vllm_conformance.perf.server_metrics import scrape_metrics
 
 
 def _image_limit(deployment: Deployment) -> int | None:
@@ -121,3 +124,40 @@ def test_one_image_over_the_limit_is_400(
     assert status == 400, f"{limit + 1} images (limit {limit}) answered {status}: {data}"
     assert not problem, problem
     assert after == 200, f"after the refusal, {limit} images answered {after}"
+
+
+def test_chartqa_through_lm_eval_sends_the_images(
+    mm_endpoint: Endpoint, recorder: Recorder
+) -> None:
+    """lm-eval's ChartQA task, on the shipped fixture charts through local-chat-completions,
+    reaches the server with one image per document, and every document is answered.
+
+    The score is recorded, not judged: this entry's weights are random. What a GPU entry's
+    ChartQA expectation relies on (images in the request, offline data) is what is checked.
+    """
+    task = AccuracyExpect(
+        task="chartqa", metric="relaxed_accuracy,none", against="reference",
+        api="chat-completions", apply_chat_template=True, data="fixture",
+        source="project: self-made ChartQA-format fixture",
+    )  # fmt: skip
+    before = scrape_metrics(mm_endpoint.base_url).counters
+    result = accuracy.run_lm_eval(
+        mm_endpoint.base_url, mm_endpoint.model, task, gen_kwargs={"max_gen_toks": 16}
+    )
+    after = scrape_metrics(mm_endpoint.base_url).counters
+    files = accuracy.find_split_files(accuracy.resolve_data("chartqa", "fixture"), "test")
+    docs = sum(pyarrow.parquet.read_metadata(f).num_rows for f in files)
+    images = after.get("vllm:mm_cache_queries", 0.0) - before.get("vllm:mm_cache_queries", 0.0)
+    recorder.record(
+        "multimodal.chartqa_lm_eval",
+        "pass" if images >= result.n == docs > 0 else "fail",
+        measured={"documents": result.n, "images_seen_by_server": images,
+                  "relaxed_accuracy": result.value},
+        expected={"images_per_document": 1},
+        source="lm-eval chartqa task (local-chat-completions) on the shipped fixture",
+    )  # fmt: skip
+    assert docs > 0 and result.n == docs, f"lm-eval scored {result.n} of {docs} documents"
+    assert images >= result.n, (
+        f"lm-eval answered {result.n} ChartQA documents but the server processed "
+        f"{images:g} images (vllm:mm_cache_queries): the images were not sent"
+    )
