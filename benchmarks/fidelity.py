@@ -68,9 +68,7 @@ THROUGHPUT_TARGET = (0.95, 1.05)
 TTFT_TARGET = (0.90, 1.10)
 
 
-def vllm_bench_argv(
-    base_url: str, model: str, tokenizer: str, spec: WorkloadSpec
-) -> list[str]:
+def vllm_bench_argv(base_url: str, model: str, tokenizer: str, spec: WorkloadSpec) -> list[str]:
     """``vllm bench serve`` arguments for ``spec`` against ``base_url``."""
     return [
         "--backend", "openai",
@@ -340,8 +338,7 @@ def fidelity(args: argparse.Namespace) -> dict[str, Any]:
                 pooled[who].setdefault(k, []).extend(v)
         print(f"round {i} ({args.mode}): {time.perf_counter() - t:.1f} s", file=sys.stderr)
         row["ratio"] = {
-            k: row["ours"][k] / row["vllm"][k] if row["vllm"][k] else math.nan
-            for k in KEYS[2:]
+            k: row["ours"][k] / row["vllm"][k] if row["vllm"][k] else math.nan for k in KEYS[2:]
         }
         rounds.append(row)
         r = row["ratio"]

@@ -57,7 +57,7 @@ def test_accuracy(
             try:
                 lm_eval_runs[key] = accuracy.run_lm_eval(
                     endpoint.base_url, endpoint.model, exp, exp.data,
-                    gen_kwargs=exp.gen_kwargs or None,
+                    api_key=endpoint.api_key, gen_kwargs=exp.gen_kwargs or None,
                 )  # fmt: skip
             except accuracy.AccuracyDataError as exc:
                 lm_eval_runs[key] = exc

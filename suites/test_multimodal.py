@@ -142,7 +142,11 @@ def test_chartqa_through_lm_eval_sends_the_images(
     )  # fmt: skip
     before = scrape_metrics(mm_endpoint.base_url).counters
     result = accuracy.run_lm_eval(
-        mm_endpoint.base_url, mm_endpoint.model, task, gen_kwargs={"max_gen_toks": 16}
+        mm_endpoint.base_url,
+        mm_endpoint.model,
+        task,
+        api_key=mm_endpoint.api_key,
+        gen_kwargs={"max_gen_toks": 16},
     )
     after = scrape_metrics(mm_endpoint.base_url).counters
     files = accuracy.find_split_files(accuracy.resolve_data("chartqa", "fixture"), "test")

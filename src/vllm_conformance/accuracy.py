@@ -508,6 +508,7 @@ def run_lm_eval(
     data: str | Path | None = None,
     *,
     tokenizer: str | Path | None = None,
+    api_key: str | None = None,
     gen_kwargs: Mapping[str, Any] | None = None,
     bootstrap_iters: int = 100_000,
     timeout_s: int = 600,
@@ -521,6 +522,7 @@ def run_lm_eval(
     generate-only tasks such as gsm8k, mmlu_pro and chartqa, and nothing is downloaded. With a
     local tokenizer path, lm-eval uses it to left-truncate prompts that would not fit.
     ``data`` is resolved by :func:`resolve_data` (``task.data`` when the task has one).
+    ``api_key`` goes in the Authorization header of a server started with ``--api-key``.
     """
     chat = task.api == "chat-completions"
     model_args: dict[str, Any] = {
@@ -531,6 +533,8 @@ def run_lm_eval(
         "tokenized_requests": False,
         "timeout": timeout_s,
     }
+    if api_key:
+        model_args["header"] = {"Authorization": f"Bearer {api_key}"}
     if tokenizer is not None:
         model_args |= {"tokenizer_backend": "huggingface", "tokenizer": str(tokenizer)}
     else:
