@@ -27,6 +27,16 @@ def _run_key(exp: AccuracyExpect) -> tuple[Any, ...]:
             tuple(sorted(exp.gen_kwargs.items())))  # fmt: skip
 
 
+def check_name(exp: AccuracyExpect) -> str:
+    """Unique per expectation within an entry, and stable across runs (compare keys on it)."""
+    name = f"accuracy.{exp.task}.{exp.metric}"
+    if exp.api != "completions":
+        name += f".{exp.api}"
+    if exp.num_fewshot is not None:
+        name += f".{exp.num_fewshot}-shot"
+    return name
+
+
 def verdict_for(
     exp: AccuracyExpect, served: accuracy.AccuracyResult, deployment: Deployment
 ) -> tuple[accuracy.Verdict, accuracy.AccuracyResult | None]:
@@ -67,7 +77,7 @@ def test_accuracy(
         served = run.select(exp.metric)
         verdict, reference = verdict_for(exp, served, deployment)
         recorder.record(
-            f"accuracy.{exp.task}.{exp.metric}",
+            check_name(exp),
             "pass" if verdict.passed else "fail",
             measured={"value": served.value, "stderr": served.stderr, "n": served.n},
             expected={"against": exp.against, "value": verdict.expected,

@@ -348,3 +348,27 @@ def test_missing_split_for_few_shot_is_one_clear_error(tmp_path: Path) -> None:
     expected = r"'gsm8k'.*'train' split.*" + re.escape(str(data))
     with pytest.raises(acc.AccuracyDataError, match=expected):
         acc.write_task_overrides(out, {"gsm8k": data}, num_fewshot={"gsm8k": 5})
+
+
+def test_summary_has_one_accuracy_row_per_verdict() -> None:
+    """The Markdown summary shows served, expected, tolerance and margin of each verdict."""
+    from vllm_conformance import report
+
+    check = {
+        "check": "accuracy.gsm8k.exact_match,flexible-extract.local-chat-completions.0-shot",
+        "verdict": "fail",
+        "measured": {"value": 0.04, "stderr": 0.016, "n": 150},
+        "expected": {"against": "reference", "value": 0.92},
+        "tolerance": 0.0685,
+        "margin": -0.8115,
+        "lm_eval": {"api": "local-chat-completions", "n_shot": {"gsm8k": 0}},
+    }
+    rep = {
+        "entries": {"cpu-arith": {"checks": [check, {"check": "context.exact", "verdict": "pass"}]}}
+    }
+    rows = [r for r in report.summary_markdown(rep).splitlines() if "| gsm8k." in r]
+    assert rows == [
+        "| cpu-arith | gsm8k.exact_match,flexible-extract.local-chat-completions.0-shot | "
+        "local-chat-completions | 0 | 0.0400 ± 0.0160 (n=150) | 0.9200 (reference) | 0.0685 | "
+        "-0.8115 | fail |"
+    ]

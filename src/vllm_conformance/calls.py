@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from vllm_conformance import sse
 from vllm_conformance.errors import ApiError, parse_error
 
 
@@ -76,10 +77,10 @@ def summarize_request(path: str, body: dict[str, Any]) -> dict[str, Any]:
 def _read_stream(response: httpx.Response, outcome: Outcome) -> None:
     pieces: list[str] = []
     for line in response.iter_lines():
-        if not line.startswith("data:"):
+        data = sse.data_of(line)
+        if data is None:
             continue
-        data = line[5:].strip()
-        if data == "[DONE]":
+        if data == sse.DONE:
             break
         chunk = json.loads(data)
         if "error" in chunk:

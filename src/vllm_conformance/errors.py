@@ -42,5 +42,13 @@ def parse_error(status: int, body: bytes | str) -> ApiError | None:
     return ApiError(status, err.get("type"), str(err["message"]), err.get("param"), err.get("code"))
 
 
+def describe_error(status: int, body: bytes | str) -> str:
+    """``type: message`` of an OpenAI-style error body; otherwise the body itself."""
+    err = parse_error(status, body)
+    if err is None:
+        return (body.decode(errors="replace") if isinstance(body, bytes) else body).strip()
+    return f"{err.type}: {err.message}" if err.type else err.message
+
+
 def response_error(response: httpx.Response) -> ApiError | None:
     return parse_error(response.status_code, response.content)

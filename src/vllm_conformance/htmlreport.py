@@ -127,6 +127,16 @@ def render_report(report: dict[str, Any]) -> str:
                 flags = " ".join(k if v is True else f"{k} {v}" for k, v in args.items())
                 parts.append(f"<li><b>{_e(name)}</b>: <code>{_e(flags, 2000)}</code></li>")
         parts.append("</ul>")
+    if accuracy := report_mod.accuracy_rows(report):
+        parts.append("<h2>Accuracy</h2>")
+        parts.append(
+            _table(
+                report_mod.ACCURACY_HEADERS,
+                [[_e(cell) for cell in row] for row in accuracy],
+                [report_mod.verdict_class(row[-1]) for row in accuracy],
+                numeric=(4, 5, 6, 7),
+            )
+        )
     for name, entry in entries:
         checks = entry.get("checks") or []
         if not checks:

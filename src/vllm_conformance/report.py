@@ -410,6 +410,46 @@ def entry_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+ACCURACY_HEADERS = ("entry", "task.metric", "API", "shots", "served ± stderr", "expected",
+                    "tolerance", "margin", "verdict")  # fmt: skip
+
+
+def accuracy_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per accuracy verdict (:data:`ACCURACY_HEADERS`): what was served, what it had
+    to match and how close it came."""
+    rows = []
+    for name, entry in sorted(report.get("entries", {}).items()):
+        for check in entry.get("checks") or []:
+            if not str(check.get("check", "")).startswith("accuracy."):
+                continue
+            got, want = check.get("measured") or {}, check.get("expected") or {}
+            lm = check.get("lm_eval") or {}
+            shots = ", ".join(sorted({str(v) for v in (lm.get("n_shot") or {}).values()}))
+            rows.append([
+                name, check["check"].removeprefix("accuracy."), _fmt(lm.get("api")), _fmt(shots),
+                f"{_fmt(got.get('value'), 4)} ± {_fmt(got.get('stderr'), 4)} "
+                f"(n={_fmt(got.get('n'))})",
+                f"{_fmt(want.get('value'), 4)} ({_fmt(want.get('against'))})",
+                _fmt(check.get("tolerance"), 4), _fmt(check.get("margin"), 4),
+                str(check.get("verdict")),
+            ])  # fmt: skip
+    return rows
+
+
+def accuracy_markdown(report: dict[str, Any]) -> list[str]:
+    rows = accuracy_rows(report)
+    if not rows:
+        return []
+    return [
+        "",
+        "## Accuracy",
+        "",
+        "| " + " | ".join(ACCURACY_HEADERS) + " |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
+        *("| " + " | ".join(_md(cell) for cell in row) + " |" for row in rows),
+    ]
+
+
 def summary_markdown(report: dict[str, Any]) -> str:
     """A page a person reads at a glance."""
     env = report.get("environment", {})
@@ -450,6 +490,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         for name, args in served:
             flags = " ".join(f"{k}" if v is True else f"{k} {v}" for k, v in args.items())
             out.append(f"- `{name}`: `{flags}`")
+    out += accuracy_markdown(report)
     for name, entry in sorted(report.get("entries", {}).items()):
         if not entry.get("checks"):
             continue

@@ -25,7 +25,6 @@ seeded RNG and rescaled so the last arrival is at ``n / rate``.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import json
 import math
@@ -40,6 +39,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from vllm_conformance import sse
+from vllm_conformance.errors import describe_error
 from vllm_conformance.perf.workload import RequestSpec, WorkloadSpec
 
 #: Cap on the error text kept per request (a server can return a page of HTML).
@@ -263,49 +264,6 @@ def arrival_offsets(
     return offsets
 
 
-class _SSEBuffer:
-    """Splits a byte stream into SSE messages (same rules as vLLM's StreamedResponseHandler)."""
-
-    def __init__(self) -> None:
-        self.buffer = ""
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
-
-    def add(self, chunk: bytes) -> list[str]:
-        self.buffer += self._decoder.decode(chunk)
-        messages: list[str] = []
-        while "\n\n" in self.buffer:
-            message, self.buffer = self.buffer.split("\n\n", 1)
-            message = message.strip()
-            if message:
-                messages.append(message)
-        # A final message without the blank line after it counts once it is complete JSON.
-        if self.buffer.startswith("data: "):
-            content = self.buffer.removeprefix("data: ").strip()
-            if content == "[DONE]":
-                messages.append(self.buffer.strip())
-                self.buffer = ""
-            elif content:
-                try:
-                    json.loads(content)
-                except json.JSONDecodeError:
-                    pass
-                else:
-                    messages.append(self.buffer.strip())
-                    self.buffer = ""
-        return messages
-
-
-def _error_text(body: Any) -> str:
-    """The message out of vLLM's error shapes (nested since 0.10.1, flat before)."""
-    if isinstance(body, Mapping):
-        err = body.get("error", body)
-        if isinstance(err, Mapping):
-            parts = [str(err.get(k)) for k in ("type", "message") if err.get(k)]
-            return ": ".join(parts) if parts else json.dumps(err)[:MAX_ERROR_CHARS]
-        return str(err)
-    return str(body)
-
-
 def _headers(extra: Mapping[str, str] | None) -> dict[str, str]:
     headers = {"Content-Type": "application/json"}
     api_key = os.environ.get("OPENAI_API_KEY")
@@ -358,27 +316,22 @@ async def send_completion(
         async with session.post(url, json=payload, headers=_headers(headers)) as resp:
             result.status = resp.status
             if resp.status != 200:
-                raw = await resp.text()
-                try:
-                    msg = _error_text(json.loads(raw))
-                except json.JSONDecodeError:
-                    msg = raw.strip() or (resp.reason or "")
+                msg = describe_error(resp.status, await resp.text()) or (resp.reason or "")
                 result.error = f"HTTP {resp.status}: {msg}"[:MAX_ERROR_CHARS]
                 return result
-            sse = _SSEBuffer()
+            stream = sse.SSEBuffer()
             async for chunk in resp.content.iter_any():
                 chunk = chunk.strip()
                 if not chunk:
                     continue
-                for message in sse.add(chunk):
-                    if message.startswith(":"):
-                        continue  # SSE comment / keep-alive ping
-                    data_str = message.removeprefix("data: ")
-                    if data_str == "[DONE]":
+                for message in stream.add(chunk):
+                    data_str = sse.data_of(message)  # None: a comment or keep-alive ping
+                    if data_str is None or data_str == sse.DONE:
                         continue
                     data = json.loads(data_str)
                     if "error" in data or data.get("object") == "error":
-                        result.error = f"stream error: {_error_text(data)}"[:MAX_ERROR_CHARS]
+                        error = describe_error(200, data_str)
+                        result.error = f"stream error: {error}"[:MAX_ERROR_CHARS]
                         continue
                     if choices := data.get("choices"):
                         now = time.perf_counter()

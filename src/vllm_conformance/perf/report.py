@@ -145,6 +145,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def plot_distributions(
     runs: Sequence[RunResult], path: str | Path, *, labels: Sequence[str] | None = None
 ) -> Path:
@@ -167,12 +176,7 @@ def plot_distributions(
         ax.set_title(f"{key} distribution")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_sweep(metrics: Sequence[BenchMetrics], path: str | Path, axis: SweepAxis) -> Path:
@@ -194,12 +198,7 @@ def plot_sweep(metrics: Sequence[BenchMetrics], path: str | Path, axis: SweepAxi
     ax2.legend(fontsize=8)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def write_report(
