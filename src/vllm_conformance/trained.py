@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 BOS = "<|begin_of_text|>"
 EOS = "<|eot|>"
@@ -363,7 +363,7 @@ def build_tokenizer(out_dir: Path) -> Any:
         eos_token=EOS,
         pad_token=PAD,
         add_bos_token=True,
-        model_max_length=2048,
+        model_max_length=32768,
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -395,7 +395,9 @@ def _model_config(opts: TrainOptions, vocab_size: int, tok: Any) -> Any:
         num_local_experts=opts.experts,
         num_experts_per_tok=1,
         interleave_moe_layer_step=2,  # dense and MoE layers alternate, as in Maverick
-        max_position_embeddings=2048,
+        # Positions beyond the trained lengths cost nothing (RoPE is computed, not learned)
+        # and let the server offer a long context, as the robustness suite needs.
+        max_position_embeddings=32768,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
