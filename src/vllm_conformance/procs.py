@@ -29,13 +29,22 @@ def tagged_pids(tag: str, session: int | None = None) -> list[int]:
         if not proc.name.isdigit():
             continue
         try:
-            environ = (proc / "environ").read_bytes()
+            # After the command name: state, ppid, pgrp, session, tty_nr, ...
             stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        # After the command name: state, ppid, pgrp, session, tty_nr, ...
-        state, sid = stat[0], int(stat[3])
-        if state != "Z" and (needle in environ.split(b"\0") or sid == session):
+        if stat[0] == "Z":
+            continue
+        if session is not None and int(stat[3]) == session:
+            pids.append(int(proc.name))
+            continue
+        try:
+            # A process that is exiting has no memory map left, and recent kernels refuse
+            # to open its environ (ESRCH): only the session above still finds it.
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
             pids.append(int(proc.name))
     return pids
 
