@@ -6,7 +6,7 @@ import pytest
 
 from vllm_conformance.calls import Outcome
 from vllm_conformance.checks import RejectionError, assert_clean_rejection
-from vllm_conformance.errors import parse_error
+from vllm_conformance.errors import describe_error, parse_error
 
 # Bodies in vLLM 0.32.0's shape; the messages are the ones its CPU server answered in this
 # project (the 500 from the head-size-16 model, whose engine dies on the first request).
@@ -55,3 +55,19 @@ def test_flat_pre_0_10_error_shape_parses() -> None:
         '{"object":"error","message":"too long","type":"BadRequestError","param":null,"code":400}',
     )
     assert err is not None and err.type == "BadRequestError" and err.message == "too long"
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        ('{"error": {"message": "too long", "type": "BadRequestError", "code": 400}}',
+         "BadRequestError: too long"),
+        ('{"message": "flat shape", "type": "invalid_request_error"}',
+         "invalid_request_error: flat shape"),
+        ('{"error": "Unauthorized"}', "Unauthorized"),
+        (b'{"detail": "not the OpenAI shape"}\n', '{"detail": "not the OpenAI shape"}'),
+        ("Internal Server Error\n", "Internal Server Error"),
+    ],
+)  # fmt: skip
+def test_describe_error_reads_every_shape(body: str | bytes, text: str) -> None:
+    assert describe_error(400, body) == text
