@@ -135,6 +135,7 @@ def test_chartqa_through_lm_eval_sends_the_images(
     The score is recorded, not judged: this entry's weights are random. What a GPU entry's
     ChartQA expectation relies on (images in the request, offline data) is what is checked.
     """
+    # An expectation as an entry would write it; no verdict is drawn from it here.
     task = AccuracyExpect(
         task="chartqa", metric="relaxed_accuracy,none", against="reference",
         api="chat-completions", apply_chat_template=True, data="fixture",

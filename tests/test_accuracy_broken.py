@@ -8,7 +8,6 @@ the plain-completions task, which never sees the template, still matches the ref
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from vllm_conformance import report
 
 ROOT = Path(__file__).resolve().parent.parent
 CHATML = (
@@ -37,12 +38,6 @@ def _expect(api: str) -> dict[str, Any]:
         "data": "fixture",
         "source": "self-test",
     }
-
-
-def _checks(run_dir: Path) -> list[dict[str, Any]]:
-    records = [json.loads(line) for f in sorted((run_dir / "records").glob("*.jsonl"))
-               for line in f.read_text().splitlines() if line.strip()]  # fmt: skip
-    return [r for r in records if r.get("kind") == "check"]
 
 
 def test_wrong_chat_template_fails_the_chat_task(tmp_path: Path) -> None:
@@ -68,7 +63,8 @@ def test_wrong_chat_template_fails_the_chat_task(tmp_path: Path) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-4000:]
     assert "accuracy below expectation" in out, out[-4000:]
-    verdicts = {c["lm_eval"]["api"]: c for c in _checks(tmp_path / "broken")}
+    checks = [r for r in report.load_records(tmp_path / "broken") if r.get("kind") == "check"]
+    verdicts = {c["lm_eval"]["api"]: c for c in checks}
     assert set(verdicts) == {"local-completions", "local-chat-completions"}, verdicts
     plain, chat = verdicts["local-completions"], verdicts["local-chat-completions"]
     assert plain["verdict"] == "pass", plain["rule"]
