@@ -258,6 +258,38 @@ def test_kv_capacity(endpoint: Endpoint, deployment: Deployment, recorder: Recor
     assert kv.concurrency == pytest.approx(ratio, rel=0.05)
 
 
+def test_kv_capacity_ratio(
+    endpoint: Endpoint, deployment: Deployment, recorder: Recorder, request: pytest.FixtureRequest
+) -> None:
+    """The logged KV capacity is the declared multiple of another entry's (fp8 KV: ~2x)."""
+    ctx = deployment.expect.context
+    assert ctx is not None
+    want = ctx.kv_cache_ratio
+    if want is None:
+        pytest.skip(f"{deployment.id} declares no kv_cache_ratio")
+    assert endpoint.kv_cache is not None, "vLLM printed no 'KV cache size' line at startup"
+    other = plugin.state(request.config).kv_caches.get(want.to)
+    if other is None:
+        pytest.skip(
+            f"{want.to} was not started before {deployment.id} in this pytest process: "
+            "select both entries (and no -n) to compare their KV capacity"
+        )
+    ratio = endpoint.kv_cache.tokens / other.tokens
+    ok = ratio == pytest.approx(want.ratio, rel=want.rel)
+    recorder.record(
+        "context.kv_capacity_ratio",
+        "pass" if ok else "fail",
+        measured={"kv_cache_tokens": endpoint.kv_cache.tokens, "reference_tokens": other.tokens,
+                  "ratio": round(ratio, 4)},
+        expected={"to": want.to, "ratio": want.ratio, "rel": want.rel},
+        source=want.source,
+    )  # fmt: skip
+    assert ok, (
+        f"KV capacity {endpoint.kv_cache.tokens} tokens is {ratio:.3f} x {want.to}'s "
+        f"{other.tokens}; expected {want.ratio} +- {want.rel:.0%} ({want.source})"
+    )
+
+
 def test_concurrent_near_max_requests(
     endpoint: Endpoint, tokenizer: Any, deployment: Deployment, recorder: Recorder
 ) -> None:

@@ -17,7 +17,6 @@ import itertools
 import json
 from typing import Any
 
-import pyarrow.parquet
 import pytest
 
 from fixtures.recorder import Recorder
@@ -150,6 +149,9 @@ def test_chartqa_through_lm_eval_sends_the_images(
         gen_kwargs={"max_gen_toks": 16},
     )
     after = scrape_metrics(mm_endpoint.base_url).counters
+    # pyarrow comes with lm-eval's datasets (the accuracy extra), which only this test needs.
+    import pyarrow.parquet
+
     files = accuracy.find_split_files(accuracy.resolve_data("chartqa", "fixture"), "test")
     docs = sum(pyarrow.parquet.read_metadata(f).num_rows for f in files)
     images = after.get("vllm:mm_cache_queries", 0.0) - before.get("vllm:mm_cache_queries", 0.0)

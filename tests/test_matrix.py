@@ -184,6 +184,19 @@ def test_duplicate_id_across_files(tmp_path: Path) -> None:
         load_matrix([tmp_path])
 
 
+def test_kv_cache_ratio_names_an_existing_entry(tmp_path: Path) -> None:
+    ratio = {"to": "good", "ratio": 2.0, "source": "test"}
+    write(tmp_path, mutated(lambda e: e["expect"]["context"].update(kv_cache_ratio=ratio)))
+    assert load_matrix([tmp_path])[1].expect.context.kv_cache_ratio.to == "good"  # type: ignore[union-attr]
+    ratio["to"] = "gone"
+    path = write(tmp_path, mutated(lambda e: e["expect"]["context"].update(kv_cache_ratio=ratio)))
+    with pytest.raises(
+        MatrixError,
+        match=rf"{path}: entry 'second': field 'expect.context.kv_cache_ratio.to': no entry 'gone'",
+    ):
+        load_matrix([tmp_path])
+
+
 @pytest.mark.parametrize(
     "text", ["deployments: [", "- just a list", "deployments: []", ""], ids=repr
 )

@@ -149,6 +149,19 @@ class Serve(_Strict):
         return args + list(self.extra_args)
 
 
+class KvCacheRatio(_Strict):
+    """The KV capacity relative to another entry's, both started in the same run.
+
+    A ratio, not an absolute figure: it holds whatever the GPU's free memory is, so it
+    checks what a flag such as ``--kv-cache-dtype fp8`` promises ("about twice the tokens").
+    """
+
+    to: str = Field(description="id of the entry whose logged KV capacity is compared with")
+    ratio: float = Field(gt=0)
+    rel: float = Field(0.1, gt=0, lt=1, description="relative tolerance on the ratio")
+    source: str
+
+
 class ContextExpect(_Strict):
     """What the context suite checks: the promised length and the KV capacity."""
 
@@ -165,6 +178,7 @@ class ContextExpect(_Strict):
     max_concurrent_checks: int = Field(
         4, ge=1, description="cap on the concurrent near-maximum requests of the KV check"
     )
+    kv_cache_ratio: KvCacheRatio | None = None
 
     @model_validator(mode="after")
     def _reason_iff_fails(self) -> ContextExpect:
@@ -385,4 +399,11 @@ def load_matrix(paths: Iterable[Path]) -> list[Deployment]:
                 )
             seen[entry.id] = path
             deployments.append(entry)
+    for entry in deployments:
+        ctx = entry.expect.context
+        if ctx and ctx.kv_cache_ratio and ctx.kv_cache_ratio.to not in seen:
+            raise MatrixError(
+                f"{seen[entry.id]}: entry '{entry.id}': field "
+                f"'expect.context.kv_cache_ratio.to': no entry '{ctx.kv_cache_ratio.to}'"
+            )
     return deployments

@@ -28,6 +28,7 @@ import pytest
 
 from vllm_conformance import gpus as gpu_mod
 from vllm_conformance import markers, report, settings
+from vllm_conformance.logparse import KvCacheInfo
 from vllm_conformance.matrix import Deployment, MatrixError, load_matrix
 
 
@@ -45,6 +46,8 @@ class State:
     api_key: str | None = None
     startup_timeout: float = 900.0
     request_timeout: float = 600.0
+    #: KV capacity logged by each entry's server started in this process, by entry id.
+    kv_caches: dict[str, KvCacheInfo] = field(default_factory=dict)
 
     def unavailable(self, entry: Deployment) -> str | None:
         """Why ``entry`` cannot run here (missing GPUs), or None."""
