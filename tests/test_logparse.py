@@ -24,11 +24,12 @@ CPU_0_32 = """\
 (EngineCore pid=11245) INFO 12-01 06:54:46 [kv_cache_utils.py:853] kv cache group sizes (128, 128, 128, 128)
 (APIServer pid=11200) INFO:     Application startup complete.
 """
-# The figures of the GPU recipe (vLLM 0.26.0, H100, tiny Llama 4), as the harness issue
-# quotes them (without the log prefix).
-GPU_RECIPE = """\
-GPU KV cache size: 145,610,263 tokens
-Maximum concurrency for 4,194,304 tokens per request: 34.72x
+# Verbatim from vLLM 0.26.0 serving the tiny Llama 4 on one H200 in this project
+# (reports/gpu/h200-bf16/h200-tiny-bf16/server.log): the two-line form with a process prefix.
+GPU_0_26 = """\
+(EngineCore pid=1035) INFO 12-01 14:40:26 [gpu_worker.py:560] Available KV cache memory: 125.63 GiB
+(EngineCore pid=1035) INFO 12-01 14:40:26 [kv_cache_utils.py:2177] GPU KV cache size: 254,527,356 tokens
+(EngineCore pid=1035) INFO 12-01 14:40:26 [kv_cache_utils.py:2178] Maximum concurrency for 2,097,152 tokens per request: 121.37x
 """
 
 
@@ -37,9 +38,9 @@ Maximum concurrency for 4,194,304 tokens per request: 34.72x
     [
         (FIXSTARS, KvCacheInfo("GPU", 538_512, 200_000, 2.69)),
         (CPU_0_32, KvCacheInfo("CPU", 2_164_802, 32_768, 66.06)),
-        (GPU_RECIPE, KvCacheInfo("GPU", 145_610_263, 4_194_304, 34.72)),
+        (GPU_0_26, KvCacheInfo("GPU", 254_527_356, 2_097_152, 121.37)),
     ],
-    ids=["two-line-gpu-0.8.3", "one-line-cpu-0.32.0", "gpu-recipe-0.26.0"],
+    ids=["two-line-gpu-0.8.3", "one-line-cpu-0.32.0", "two-line-h200-0.26.0"],
 )
 def test_kv_cache_lines(text: str, expected: KvCacheInfo) -> None:
     assert parse_kv_cache(text.splitlines()) == expected
