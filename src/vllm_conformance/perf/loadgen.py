@@ -320,10 +320,8 @@ async def send_completion(
                 result.error = f"HTTP {resp.status}: {msg}"[:MAX_ERROR_CHARS]
                 return result
             stream = sse.SSEBuffer()
+            # Raw chunks: the buffer needs the blank lines that end each message.
             async for chunk in resp.content.iter_any():
-                chunk = chunk.strip()
-                if not chunk:
-                    continue
                 for message in stream.add(chunk):
                     data_str = sse.data_of(message)  # None: a comment or keep-alive ping
                     if data_str is None or data_str == sse.DONE:
