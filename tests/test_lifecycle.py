@@ -7,6 +7,7 @@ costs two server starts (this one and the start that must fail).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -116,3 +117,44 @@ def test_sweep_finds_a_session_member_without_the_tag() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_tensor_parallel_workers_start_serve_and_stop(tmp_path: Path) -> None:
+    """TP 2 on the CPU backend: the multi-process launch the 4- and 8-GPU entries use
+    (API server, engine core, one worker per rank), and a stop that ends every one of them."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip(f"TP 2 binds one CPU per rank; this machine allows {cpus}")
+    spec = tiny_spec(
+        args=["--max-model-len", "2048", "--max-num-seqs", "4", "--tensor-parallel-size", "2"],
+        # One NUMA node cannot be split by vLLM's automatic binding: one CPU per rank.
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"},
+    )
+    srv = VllmServer(spec, tmp_path / "server.log")
+    srv.start()
+    try:
+        out = srv.endpoint.client().completions.create(
+            model="tiny-llama4",
+            prompt="hello",
+            max_tokens=3,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert out.usage is not None and out.usage.completion_tokens == 3
+        # vLLM prefixes each process's log lines with its role and PID.
+        log = (tmp_path / "server.log").read_text()
+        ranks = {int(pid) for pid in re.findall(r"^\(Worker_TP[01] pid=(\d+)\)", log, re.M)}
+        assert len(ranks) == 2, f"one worker per rank expected in the log, found {ranks}"
+        assert ranks <= set(procs.tagged_pids(srv.tag))
+    finally:
+        srv.stop()
+    assert procs.tagged_pids(srv.tag, session=srv.proc.pid if srv.proc else None) == []
+    assert not [pid for pid in ranks if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child its new parent has not reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
