@@ -53,7 +53,7 @@ def test_start_reads_what_the_server_reports(server: VllmServer) -> None:
     assert server.startup_seconds and server.startup_seconds > 0
 
 
-def test_serves_a_request(server: VllmServer) -> None:
+def assert_serves_three_tokens(server: VllmServer) -> None:
     out = server.endpoint.client().completions.create(
         model="tiny-llama4",
         prompt="hello",
@@ -62,6 +62,10 @@ def test_serves_a_request(server: VllmServer) -> None:
         extra_body={"ignore_eos": True},
     )
     assert out.usage is not None and out.usage.completion_tokens == 3
+
+
+def test_serves_a_request(server: VllmServer) -> None:
+    assert_serves_three_tokens(server)
 
 
 def test_server_processes_carry_the_tag(server: VllmServer) -> None:
@@ -133,14 +137,7 @@ def test_tensor_parallel_workers_start_serve_and_stop(tmp_path: Path) -> None:
     srv = VllmServer(spec, tmp_path / "server.log")
     srv.start()
     try:
-        out = srv.endpoint.client().completions.create(
-            model="tiny-llama4",
-            prompt="hello",
-            max_tokens=3,
-            temperature=0,
-            extra_body={"ignore_eos": True},
-        )
-        assert out.usage is not None and out.usage.completion_tokens == 3
+        assert_serves_three_tokens(srv)
         # vLLM prefixes each process's log lines with its role and PID.
         log = (tmp_path / "server.log").read_text()
         ranks = {int(pid) for pid in re.findall(r"^\(Worker_TP[01] pid=(\d+)\)", log, re.M)}
@@ -149,12 +146,4 @@ def test_tensor_parallel_workers_start_serve_and_stop(tmp_path: Path) -> None:
     finally:
         srv.stop()
     assert procs.tagged_pids(srv.tag, session=srv.proc.pid if srv.proc else None) == []
-    assert not [pid for pid in ranks if _running(pid)]
-
-
-def _running(pid: int) -> bool:
-    """The process exists and is not a zombie (an exited child its new parent has not reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert not [pid for pid in ranks if procs.is_running(pid)]

@@ -17,6 +17,20 @@ from pathlib import Path
 TAG_VAR = "VLLM_CONFORMANCE_TAG"
 
 
+def _stat(proc: Path) -> list[str] | None:
+    """Fields of ``/proc/PID/stat`` after the command name: state, ppid, pgrp, session, ..."""
+    try:
+        return (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def is_running(pid: int) -> bool:
+    """The process exists and is not a zombie (exited, not yet reaped by its parent)."""
+    stat = _stat(Path(f"/proc/{pid}"))
+    return stat is not None and stat[0] != "Z"
+
+
 def tagged_pids(tag: str, session: int | None = None) -> list[int]:
     """Live processes whose environment holds ``VLLM_CONFORMANCE_TAG=tag``.
 
@@ -28,12 +42,8 @@ def tagged_pids(tag: str, session: int | None = None) -> list[int]:
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
-        try:
-            # After the command name: state, ppid, pgrp, session, tty_nr, ...
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if stat[0] == "Z":
+        stat = _stat(proc)
+        if stat is None or stat[0] == "Z":
             continue
         if session is not None and int(stat[3]) == session:
             pids.append(int(proc.name))
