@@ -55,7 +55,7 @@ def test_wrong_chat_template_fails_the_chat_task(tmp_path: Path) -> None:
     matrix = tmp_path / "broken.yaml"
     matrix.write_text(yaml.safe_dump({"deployments": [entry]}))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "suites/test_accuracy.py", "-q", "-p",
+        [sys.executable, "-m", "pytest", "src/vllm_conformance/suites/test_accuracy.py", "-q", "-p",
          "no:cacheprovider", "--matrix", str(matrix), "--reports-dir", str(tmp_path),
          "--run-id", "broken"],
         cwd=ROOT, capture_output=True, text=True, timeout=1400,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_conformance import accuracy as acc
-from vllm_conformance import trained
+from vllm_conformance.client import accuracy as acc
+from vllm_conformance.models import trained
 
 HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-eval is not installed")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_conformance.calls import Outcome
-from vllm_conformance.checks import RejectionError, assert_clean_rejection
-from vllm_conformance.errors import describe_error, parse_error
+from vllm_conformance.client.calls import Outcome
+from vllm_conformance.client.checks import RejectionError, assert_clean_rejection
+from vllm_conformance.client.errors import describe_error, parse_error
 
 # Bodies in vLLM 0.32.0's shape; the messages are the ones its CPU server answered in this
 # project (the 500 from the head-size-16 model, whose engine dies on the first request).

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 from test_report import child_env, killed_run
 
-from vllm_conformance import compare, report
+from vllm_conformance import report
+from vllm_conformance.report import compare
 
 REPO = Path(__file__).resolve().parents[1]
 #: Not 0.28.0, whose CPU fused-MoE kernel segfaults on the first request of the tiny Llama 4
@@ -33,8 +34,8 @@ OLD_VERSION, NEW_VERSION = "0.30.0", "0.32.0"
 #: behaviour an upgrade can change (the full-length prefills add minutes and no new kind of
 #: finding).
 SUITES = [
-    "suites/test_serving.py",
-    "suites/test_context.py",
+    "src/vllm_conformance/suites/test_serving.py",
+    "src/vllm_conformance/suites/test_context.py",
     "-k",
     "not largest_prompt and not fill_context and not concurrent_near_max and not multi_turn",
 ]
@@ -267,7 +268,12 @@ def _write_run(run_dir: Path, vllm: str, checks: list[dict[str, Any]]) -> Path:
     writer = report.RecordWriter(run_dir / "records" / "main.jsonl")
     writer.write("run", environment={"vllm": vllm, "gpus": []})
     for check in checks:
-        writer.write("check", entry="gpu", nodeid=f"suites/test_x.py::{check['check']}", **check)
+        writer.write(
+            "check",
+            entry="gpu",
+            nodeid=f"src/vllm_conformance/suites/test_x.py::{check['check']}",
+            **check,
+        )
     (run_dir / "junit.xml").write_text("<testsuites/>")
     return run_dir
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vllm_conformance.discover import derived_length, write_back
+from vllm_conformance.launch.discover import derived_length, write_back
 from vllm_conformance.matrix import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def test_derived_length_rounds_down() -> None:
 def test_write_back_names_a_missing_entry(tmp_path: Path) -> None:
     matrix = tmp_path / "m.yaml"
     matrix.write_text(yaml.safe_dump({"deployments": [ENTRY]}, sort_keys=False))
-    from vllm_conformance.discover import DiscoveryError
+    from vllm_conformance.launch.discover import DiscoveryError
 
     with pytest.raises(DiscoveryError, match="no entry 'other'"):
         write_back(matrix, "other", 1000)

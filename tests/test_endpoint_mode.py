@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vllm_conformance import modelgen
-from vllm_conformance.launcher import LaunchSpec, VllmServer
+from vllm_conformance import models
+from vllm_conformance.launch.local import LaunchSpec, VllmServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_LEN = 2048
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(900)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     spec = LaunchSpec(
-        model=str(modelgen.materialize("tiny-llama4", SMALL)),
+        model=str(models.materialize("tiny-llama4", SMALL)),
         served_model_name="tiny-llama4",
         args=["--max-model-len", str(MAX_LEN), "--max-num-seqs", "4"],
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},
@@ -93,9 +93,9 @@ def test_suites_pass_against_a_running_endpoint(server: VllmServer, tmp_path: Pa
         server,
         matrix(tmp_path),
         tmp_path,
-        "suites/test_serving.py",
-        "suites/test_context.py::test_exact_token_prompt",
-        "suites/test_context.py::test_overflow_rejected_cleanly",
+        "src/vllm_conformance/suites/test_serving.py",
+        "src/vllm_conformance/suites/test_context.py::test_exact_token_prompt",
+        "src/vllm_conformance/suites/test_context.py::test_overflow_rejected_cleanly",
     )
     assert " failed" not in out and "error" not in out.lower(), out
     assert "11 passed" in out, out
@@ -106,7 +106,10 @@ def test_endpoint_serving_another_model_is_one_clear_message(
     server: VllmServer, tmp_path: Path
 ) -> None:
     out = run_suites(
-        server, matrix(tmp_path, name="other-model"), tmp_path, "suites/test_serving.py"
+        server,
+        matrix(tmp_path, name="other-model"),
+        tmp_path,
+        "src/vllm_conformance/suites/test_serving.py",
     )
     assert "/v1/models lists ['tiny-llama4'], not the entry's model 'other-model'" in out
     assert "2 failed" in out or "2 errors" in out, out
@@ -116,7 +119,10 @@ def test_endpoint_with_another_max_model_len_is_one_clear_message(
     server: VllmServer, tmp_path: Path
 ) -> None:
     out = run_suites(
-        server, matrix(tmp_path, max_model_len=4096), tmp_path, "suites/test_serving.py"
+        server,
+        matrix(tmp_path, max_model_len=4096),
+        tmp_path,
+        "src/vllm_conformance/suites/test_serving.py",
     )
     assert f"serves max_model_len {MAX_LEN}, the entry promises 4096" in out, out
 
@@ -126,7 +132,7 @@ def test_bad_tokenizer_path_is_one_clear_message(server: VllmServer, tmp_path: P
         server,
         matrix(tmp_path, tokenizer="/nonexistent/tokenizer"),
         tmp_path,
-        "suites/test_context.py::test_exact_token_prompt",
+        "src/vllm_conformance/suites/test_context.py::test_exact_token_prompt",
     )
     assert "cannot load tokenizer '/nonexistent/tokenizer'" in out, out
     assert "3 errors" in out, out
@@ -138,7 +144,7 @@ def test_endpoint_mode_needs_one_entry(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "pytest",
-            "suites/test_serving.py",
+            "src/vllm_conformance/suites/test_serving.py",
             "--collect-only",
             "--endpoint",
             "http://127.0.0.1:9",

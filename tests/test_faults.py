@@ -50,9 +50,10 @@ from typing import Any
 import pytest
 import yaml
 
-from vllm_conformance import launcher, procs, report, serving
-from vllm_conformance.endpoint import EndpointError, ServerDiedError, connect
-from vllm_conformance.launcher import VllmServer, free_port
+from vllm_conformance import report
+from vllm_conformance.launch import local, procs, serving
+from vllm_conformance.launch.endpoint import EndpointError, ServerDiedError, connect
+from vllm_conformance.launch.local import VllmServer, free_port
 from vllm_conformance.matrix import Deployment
 
 pytestmark = pytest.mark.timeout(900)
@@ -195,13 +196,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, taken_port: Held) -> Iterat
     spec = serving.launch_spec(entry, None, startup_timeout=600.0)
     srv = VllmServer(spec, tmp_path_factory.mktemp("faults") / "server.log")
     offered = [taken_port.port]
-    real_free_port = launcher.free_port
+    real_free_port = local.free_port
 
     def first_port_taken(host: str = "127.0.0.1") -> int:
         return offered.pop() if offered else real_free_port(host)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(launcher, "free_port", first_port_taken)
+        mp.setattr(local, "free_port", first_port_taken)
         srv.start()
     yield srv
     srv.stop(grace=5)
@@ -389,9 +390,9 @@ CONFTEST = textwrap.dedent(
     """
     pytest_plugins = [
         "vllm_conformance.plugin",
-        "fixtures.server",
-        "fixtures.tokenizer",
-        "fixtures.recorder",
+        "vllm_conformance.fixtures.server",
+        "vllm_conformance.fixtures.tokenizer",
+        "vllm_conformance.fixtures.recorder",
     ]
     """
 )
@@ -403,7 +404,7 @@ INNER_SUITE = textwrap.dedent(
     import time
     from pathlib import Path
 
-    from vllm_conformance.endpoint import EndpointError
+    from vllm_conformance.launch.endpoint import EndpointError
 
 
     def test_a_measures(endpoint, recorder):

@@ -16,16 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from vllm_conformance import modelgen, procs
-from vllm_conformance.endpoint import EndpointError, ServerDiedError
-from vllm_conformance.launcher import LaunchSpec, ServerStartError, VllmServer
+from vllm_conformance import models
+from vllm_conformance.launch import procs
+from vllm_conformance.launch.endpoint import EndpointError, ServerDiedError
+from vllm_conformance.launch.local import LaunchSpec, ServerStartError, VllmServer
 
 pytestmark = pytest.mark.timeout(900)
 
 
 def tiny_spec(**overrides: object) -> LaunchSpec:
     args = {
-        "model": str(modelgen.materialize("tiny-llama4", {"max_position_embeddings": 4194304})),
+        "model": str(models.materialize("tiny-llama4", {"max_position_embeddings": 4194304})),
         "served_model_name": "tiny-llama4",
         "args": ["--max-model-len", "2048", "--max-num-seqs", "4"],
         "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
@@ -102,8 +103,8 @@ def test_start_that_must_fail_reports_vllms_reason(tmp_path: Path) -> None:
 
 
 def test_unreachable_endpoint_is_one_clear_message() -> None:
-    from vllm_conformance.endpoint import connect
-    from vllm_conformance.launcher import free_port
+    from vllm_conformance.launch.endpoint import connect
+    from vllm_conformance.launch.local import free_port
 
     with pytest.raises(EndpointError, match="endpoint unreachable"):
         connect(f"http://127.0.0.1:{free_port()}")

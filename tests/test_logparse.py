@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_conformance.logparse import (
+from vllm_conformance.launch.logparse import (
     KvCacheInfo,
     failure_reason,
     parse_kv_cache,

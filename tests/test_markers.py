@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_conformance.markers import deployment_markers
 from vllm_conformance.matrix import Deployment, load_matrix
+from vllm_conformance.matrix.markers import deployment_markers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ def collected_entries(*args: str) -> set[str]:
             "pytest",
             "--collect-only",
             "-q",
-            "suites/test_serving.py",
+            "src/vllm_conformance/suites/test_serving.py",
             "-W",
             "error::pytest.PytestUnknownMarkWarning",
             *args,
@@ -41,7 +41,7 @@ def collected_entries(*args: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def deployments() -> list[Deployment]:
-    return load_matrix([ROOT / "matrix"])
+    return load_matrix([])
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_missing_gpus_skip_with_reason() -> None:
             sys.executable,
             "-m",
             "pytest",
-            "suites/test_serving.py",
+            "src/vllm_conformance/suites/test_serving.py",
             "-m",
             "h200 and gpus8",
             "-rs",

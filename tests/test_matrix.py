@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_conformance.matrix import (
+    BUNDLED,
     Deployment,
     MatrixError,
     load_file,
@@ -19,7 +20,8 @@ from vllm_conformance.matrix import (
     parse_token_count,
 )
 
-MATRIX = Path(__file__).resolve().parent.parent / "matrix"
+MATRIX = BUNDLED
+ROOT = Path(__file__).resolve().parent.parent
 
 # Every deployment of the seed documents, by (model family, GPU, count, precision, context).
 SEED_ROWS = {
@@ -273,7 +275,7 @@ def test_known_issues_become_strict_xfails(deployments: list[Deployment]) -> Non
             sys.executable,
             "-m",
             "pytest",
-            "suites/test_robustness.py",
+            "src/vllm_conformance/suites/test_robustness.py",
             "--collect-only",
             "-q",
             "--entry",
@@ -283,7 +285,7 @@ def test_known_issues_become_strict_xfails(deployments: list[Deployment]) -> Non
             "-p",
             "no:cacheprovider",
         ],
-        cwd=MATRIX.parent,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,

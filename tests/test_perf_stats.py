@@ -388,9 +388,9 @@ def test_error_chunk_in_a_200_stream_is_a_failure() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from vllm_conformance import modelgen
+    from vllm_conformance import models
 
-    return modelgen.materialize("tiny-llama4")
+    return models.materialize("tiny-llama4")
 
 
 def test_seed_workload_names_the_recipe() -> None:
@@ -472,8 +472,8 @@ def perf_server(
             os.environ.get("VLLM_CONFORMANCE_PERF_TOKENIZER", str(tiny_model_dir)),
         )
         return
-    from vllm_conformance import procs
-    from vllm_conformance.launcher import LaunchSpec, VllmServer
+    from vllm_conformance.launch import procs
+    from vllm_conformance.launch.local import LaunchSpec, VllmServer
 
     spec = LaunchSpec(
         model=str(tiny_model_dir),

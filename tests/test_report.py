@@ -31,7 +31,10 @@ import pytest
 from vllm_conformance import report
 
 REPO = Path(__file__).resolve().parents[1]
-SUITES = ("suites/test_serving.py", "suites/test_context.py")
+SUITES = (
+    "src/vllm_conformance/suites/test_serving.py",
+    "src/vllm_conformance/suites/test_context.py",
+)
 MARK_VAR = "VLLM_CONFORMANCE_SELFTEST_MARK"
 
 

@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_conformance import sse
+from vllm_conformance.client import sse
 
 EVENTS = [{"choices": [{"text": t}]} for t in ("Hello", " wörld", " ✓", "")]
 STREAM = (

@@ -69,7 +69,7 @@ def add_compare(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from vllm_conformance import compare
+    from vllm_conformance.report import compare
 
     options = compare.Options(
         alpha=args.alpha, min_effect=args.min_effect, capacity_rtol=args.capacity_rtol
@@ -134,7 +134,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def add_discover(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from vllm_conformance import discover
+    from vllm_conformance.launch import discover
 
     p = sub.add_parser(
         "discover",
@@ -146,7 +146,7 @@ def add_discover(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def run_discover(args: argparse.Namespace) -> int:
-    from vllm_conformance import discover
+    from vllm_conformance.launch import discover
 
     return discover.run(args)
 

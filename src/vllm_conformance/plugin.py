@@ -26,10 +26,17 @@ from typing import Any
 
 import pytest
 
-from vllm_conformance import gpus as gpu_mod
-from vllm_conformance import markers, report, settings
-from vllm_conformance.logparse import KvCacheInfo
-from vllm_conformance.matrix import Deployment, MatrixError, load_matrix
+from vllm_conformance import report
+from vllm_conformance.launch import gpus as gpu_mod
+from vllm_conformance.launch.logparse import KvCacheInfo
+from vllm_conformance.matrix import Deployment, MatrixError, load, markers, settings
+
+#: The fixtures every suite can take (one module per concept).
+pytest_plugins = [
+    "vllm_conformance.fixtures.server",
+    "vllm_conformance.fixtures.tokenizer",
+    "vllm_conformance.fixtures.recorder",
+]
 
 
 @dataclass
@@ -74,7 +81,7 @@ def _run_dir(config: pytest.Config) -> Path:
         return Path(workerinput[_RUN_DIR_KEY])
     base = Path(settings.resolve(config, "reports-dir"))
     if not base.is_absolute():
-        base = config.rootpath / base
+        base = config.invocation_params.dir / base
     run_id = settings.resolve(config, "run-id") or time.strftime("%Y%m%d-%H%M%S")
     return base / run_id
 
@@ -96,14 +103,14 @@ def pytest_configure(config: pytest.Config) -> None:
     paths = [Path(p) for p in settings.resolve(config, "matrix")]
     paths = [p if p.is_absolute() else config.invocation_params.dir / p for p in paths]
     try:
-        deployments = load_matrix(paths)
+        matrix = load(paths)
     except MatrixError as exc:
         raise pytest.UsageError(f"invalid hardware matrix:\n{exc}") from None
-    wanted = settings.resolve(config, "entry")
-    known = {d.id for d in deployments}
-    if unknown := sorted(set(wanted) - known):
-        raise pytest.UsageError(f"--entry: no matrix entry {unknown}; known: {sorted(known)}")
-    selected = [d for d in deployments if not wanted or d.id in wanted]
+    try:
+        selected = matrix.select(settings.resolve(config, "entry"))
+    except MatrixError as exc:
+        raise pytest.UsageError(f"--entry: {exc}") from None
+    deployments = list(matrix.known.values())
     markers.register(config, {m for d in deployments for m in markers.deployment_markers(d)})
 
     endpoint = settings.resolve(config, "endpoint")

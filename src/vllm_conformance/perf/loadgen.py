@@ -39,8 +39,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from vllm_conformance import sse
-from vllm_conformance.errors import describe_error
+from vllm_conformance.client import sse
+from vllm_conformance.client.errors import describe_error
 from vllm_conformance.perf.workload import RequestSpec, WorkloadSpec
 
 #: Cap on the error text kept per request (a server can return a page of HTML).

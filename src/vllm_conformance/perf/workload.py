@@ -211,7 +211,7 @@ def exact_length_text(
     """Random text whose encoding *without* special tokens is exactly ``body_len`` tokens.
 
     Drawn from the whole vocabulary, as ``vllm bench serve``'s random data set draws it, so
-    that the two load generators see the same prompts; :mod:`vllm_conformance.prompts`
+    that the two load generators see the same prompts; :mod:`vllm_conformance.client.prompts`
     builds readable word prompts instead, which chat templates can be sized around.
 
     Returns the text and its token ids. Raises ``ValueError`` when no such text is found

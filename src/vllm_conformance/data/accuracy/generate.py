@@ -1,7 +1,7 @@
 """Write the self-made accuracy fixtures in this directory (seeded: the output is fixed).
 
 Run ``python -m vllm_conformance.data.accuracy.generate`` after changing a generator in
-``vllm_conformance.trained``, commit the files, and bump ``trained.RECIPE_VERSION`` (the
+``vllm_conformance.models.trained``, commit the files, and bump ``trained.RECIPE_VERSION`` (the
 recipe never trains on these problems, so a new fixture means a new model).
 
 Nothing here comes from the real datasets; each file only follows its dataset's schema:
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vllm_conformance import trained
+from vllm_conformance.models import trained
 
 HERE = Path(__file__).parent
 
