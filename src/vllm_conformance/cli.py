@@ -4,6 +4,7 @@ Each subcommand is two functions, ``add_<name>(subparsers)`` that declares its a
 and ``run_<name>(args) -> int`` that does the work and returns the exit status; a new
 subcommand is one more pair and one more line in :data:`SUBCOMMANDS`::
 
+    vllm-conformance run [--suite NAME ...] [pytest options]
     vllm-conformance compare OLD NEW [--format md|html|json] [--out FILE]
                              [--fail-on regressions|any|never]
     vllm-conformance report RUN_DIR [RUN_DIR ...] [--no-html] [--print]
@@ -16,11 +17,42 @@ a run that cannot be read.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+
+
+# -- run ----------------------------------------------------------------------------
+
+SUITES = ("serving", "context", "robustness", "auth", "multimodal", "accuracy", "performance")
+
+
+def add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the bundled suites (pytest --pyargs vllm_conformance.suites ...)",
+        description="Run the suites that ship with the package, from any directory. Every "
+        "other option goes to pytest, e.g. vllm-conformance run --matrix ./my-matrix -m h100",
+    )
+    p.add_argument(
+        "--suite",
+        action="append",
+        choices=SUITES,
+        help="run only this suite (repeatable; default: all)",
+    )
+    p.set_defaults(func=run_run, pass_unknown=True)
+
+
+def run_run(args: argparse.Namespace) -> int:
+    modules = [f"vllm_conformance.suites.test_{s}" for s in args.suite or ()]
+    argv = [sys.executable, "-m", "pytest", *args.pytest_args, "--pyargs"]
+    # pytest in its own process image: it must import the plugin itself (to rewrite its
+    # asserts), and signals from CI reach it directly.
+    os.execv(sys.executable, [*argv, *(modules or ["vllm_conformance.suites"])])
+    return EXIT_USAGE  # not reached
 
 
 # -- compare ------------------------------------------------------------------------
@@ -155,6 +187,7 @@ def run_discover(args: argparse.Namespace) -> int:
 
 #: Every subcommand's ``add_<name>`` function, in the order ``--help`` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    add_run,
     add_compare,
     add_report,
     add_discover,
@@ -174,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vllm-conformance`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "pass_unknown", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.pytest_args = rest
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

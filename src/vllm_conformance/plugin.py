@@ -28,6 +28,7 @@ import pytest
 
 from vllm_conformance import report
 from vllm_conformance.launch import gpus as gpu_mod
+from vllm_conformance.launch import serving
 from vllm_conformance.launch.logparse import KvCacheInfo
 from vllm_conformance.matrix import Deployment, MatrixError, load, markers, settings
 
@@ -48,10 +49,9 @@ class State:
     run_dir: Path
     writer: report.RecordWriter
     worker: str | None
-    gpu_share: list[gpu_mod.Gpu] = field(default_factory=list)
+    launcher: serving.Launcher
     endpoint: str | None = None
     api_key: str | None = None
-    startup_timeout: float = 900.0
     request_timeout: float = 600.0
     #: KV capacity logged by each entry's server started in this process, by entry id.
     kv_caches: dict[str, KvCacheInfo] = field(default_factory=dict)
@@ -60,7 +60,7 @@ class State:
         """Why ``entry`` cannot run here (missing GPUs), or None."""
         if self.endpoint:
             return None
-        return gpu_mod.allocate(entry, self.gpu_share)[1]
+        return self.launcher.unavailable(entry)
 
 
 STATE = pytest.StashKey[State]()
@@ -133,10 +133,12 @@ def pytest_configure(config: pytest.Config) -> None:
         run_dir=run_dir,
         writer=writer,
         worker=worker,
-        gpu_share=gpu_mod.worker_share(detected, worker, workers),
+        launcher=serving.LocalLauncher(
+            gpu_mod.worker_share(detected, worker, workers),
+            settings.resolve(config, "startup-timeout"),
+        ),
         endpoint=endpoint,
         api_key=settings.resolve(config, "api-key"),
-        startup_timeout=settings.resolve(config, "startup-timeout"),
         request_timeout=settings.resolve(config, "request-timeout"),
     )
     if worker is None and not config.option.collectonly:

@@ -63,10 +63,10 @@ def _with_max_model_len(entry: Deployment, value: int) -> Deployment:
 
 
 def _start(entry: Deployment, log_path: Path, startup_timeout: float) -> VllmServer:
-    pinned, why = gpus.allocate(entry, gpus.detect())
-    if why:
+    launcher = serving.LocalLauncher(gpus.detect(), startup_timeout)
+    if why := launcher.unavailable(entry):
         raise DiscoveryError(f"{entry.id}: {why}")
-    server = VllmServer(serving.launch_spec(entry, pinned, startup_timeout), log_path)
+    server = launcher.server(entry, log_path)
     try:
         server.start()
     except ServerStartError as exc:

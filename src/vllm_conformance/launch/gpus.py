@@ -18,6 +18,39 @@ _KINDS = {"H100": "h100", "H200": "h200", "B200": "b200", "A100": "a100"}
 
 
 @dataclass(frozen=True)
+class GpuSpec:
+    """Datasheet figures of one GPU (SXM form, dense math: no sparsity)."""
+
+    memory_gib: float
+    #: HBM bandwidth, bytes per second
+    bandwidth: float
+    #: peak dense tensor FLOP/s by operand precision (absent: not supported)
+    peak_flops: dict[str, float]
+    source: str
+
+    def peak(self, precision: str) -> float:
+        """The fastest peak usable for ``precision`` (fp8 weights may not run fp4 math)."""
+        order = ("fp4", "fp8", "bf16")
+        wanted = {"fp4": 0, "int4": 0, "fp8": 1}.get(precision, 2)
+        usable = [self.peak_flops[p] for p in order[wanted:] if p in self.peak_flops]
+        return max(usable)
+
+
+#: Per GPU kind of the matrix. Memory as the driver reports it (``nvidia-smi``).
+SPECS: dict[str, GpuSpec] = {
+    "a100": GpuSpec(80, 2.039e12, {"bf16": 312e12}, "NVIDIA A100 datasheet (80GB SXM)"),
+    "h100": GpuSpec(79.6, 3.35e12, {"bf16": 989e12, "fp8": 1979e12}, "NVIDIA H100 datasheet (SXM)"),
+    "h200": GpuSpec(139.8, 4.8e12, {"bf16": 989e12, "fp8": 1979e12}, "NVIDIA H200 datasheet (SXM)"),
+    "b200": GpuSpec(
+        178.4,
+        8e12,
+        {"bf16": 2250e12, "fp8": 4500e12, "fp4": 9000e12},
+        "NVIDIA DGX B200 datasheet, per GPU",
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Gpu:
     index: int
     name: str

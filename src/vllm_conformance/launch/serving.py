@@ -1,4 +1,15 @@
-"""Turn a matrix entry into something to launch or connect to."""
+"""Turn a matrix entry into a server: the launch spec, and the launchers that start it.
+
+A *launcher* decides where an entry's server runs and whether it can run at all; every
+place that starts a server for an entry (the ``server`` fixture, the expected-startup-failure
+check, capacity discovery) asks one for it, so a launcher that places servers elsewhere
+(on a cluster) is invisible to them::
+
+    launcher = LocalLauncher(gpus.detect(), startup_timeout=900)
+    if (why := launcher.unavailable(entry)) is None:
+        with launcher.server(entry, log_path) as server:
+            endpoint = server.endpoint
+"""
 
 from __future__ import annotations
 
@@ -6,9 +17,11 @@ import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from vllm_conformance import models
-from vllm_conformance.launch.local import LaunchSpec
+from vllm_conformance.launch import gpus as gpu_mod
+from vllm_conformance.launch.local import LaunchSpec, VllmServer
 from vllm_conformance.matrix import Deployment
 
 
@@ -50,3 +63,32 @@ def launch_spec(
         api_key=api_key(entry),
         startup_timeout=startup_timeout,
     )
+
+
+class Launcher(Protocol):
+    """Where the servers of matrix entries run."""
+
+    def unavailable(self, entry: Deployment) -> str | None:
+        """Why ``entry`` cannot run with this launcher (e.g. missing GPUs), or None."""
+        ...
+
+    def server(self, entry: Deployment, log_path: Path) -> VllmServer:
+        """The (not yet started) server of ``entry``, logging to ``log_path``."""
+        ...
+
+
+class LocalLauncher:
+    """Servers as process groups on this machine, pinned to GPUs of ``gpus``."""
+
+    def __init__(self, gpus: Sequence[gpu_mod.Gpu], startup_timeout: float) -> None:
+        self.gpus = list(gpus)
+        self.startup_timeout = startup_timeout
+
+    def unavailable(self, entry: Deployment) -> str | None:
+        return gpu_mod.allocate(entry, self.gpus)[1]
+
+    def server(self, entry: Deployment, log_path: Path) -> VllmServer:
+        pinned, why = gpu_mod.allocate(entry, self.gpus)
+        if why is not None:
+            raise RuntimeError(f"{entry.id}: {why}")
+        return VllmServer(launch_spec(entry, pinned, self.startup_timeout), log_path)

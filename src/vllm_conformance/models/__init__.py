@@ -33,6 +33,7 @@ RECIPES: dict[str, str] = {
     "tiny-llama4": "vllm_conformance.models.tiny",
     "trained-arith": "vllm_conformance.models.trained",
     "tiny-idefics3": "vllm_conformance.models.vlm",
+    "scout-shaped": "vllm_conformance.models.scout",
 }
 
 

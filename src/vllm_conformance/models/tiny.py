@@ -284,10 +284,32 @@ def build(
     model.config.dtype = "bfloat16"
     model.save_pretrained(out_dir, safe_serialization=True)
 
-    # Written by hand: no sampling defaults (vLLM would apply them to every request).
+    write_tokenizer(out_dir, vocab_size, max_position_embeddings, tokenizer, eos_ids)
+
+
+def write_tokenizer(
+    out_dir: Path,
+    vocab_size: int,
+    max_length: int,
+    tokenizer: Any = None,
+    eos_ids: Sequence[int] | None = None,
+) -> None:
+    """Write the tokenizer (trained now unless given), its config and a generation config.
+
+    The generation config has no sampling defaults on purpose: vLLM would apply them to
+    every request.
+    """
+    tokenizer = tokenizer or build_tokenizer(vocab_size)
+    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    if eos_ids is None:
+        eos_ids = [ids[END_OF_TEXT_TOKEN], ids[EOM_TOKEN], ids[EOT_TOKEN]]
     _write_json(
         out_dir / "generation_config.json",
-        {"bos_token_id": ids[BOS_TOKEN], "eos_token_id": eos_ids, "pad_token_id": ids[PAD_TOKEN]},
+        {
+            "bos_token_id": ids[BOS_TOKEN],
+            "eos_token_id": list(eos_ids),
+            "pad_token_id": ids[PAD_TOKEN],
+        },
     )
     tokenizer.save(str(out_dir / "tokenizer.json"))
     # Written by hand so transformers 4.x and 5.x both load it as PreTrainedTokenizerFast.
@@ -302,7 +324,7 @@ def build(
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_input_names": ["input_ids", "attention_mask"],
-            "model_max_length": max_position_embeddings,
+            "model_max_length": max_length,
             "chat_template": CHAT_TEMPLATE,
         },
     )

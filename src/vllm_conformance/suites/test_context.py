@@ -18,9 +18,8 @@ from vllm_conformance import plugin
 from vllm_conformance.client import calls, prompts
 from vllm_conformance.client.checks import assert_clean_rejection
 from vllm_conformance.fixtures.recorder import Recorder
-from vllm_conformance.launch import gpus, serving
 from vllm_conformance.launch.endpoint import Endpoint
-from vllm_conformance.launch.local import ServerStartError, VllmServer
+from vllm_conformance.launch.local import ServerStartError
 from vllm_conformance.matrix import Deployment
 from vllm_conformance.perf.server_metrics import scrape_metrics
 
@@ -369,9 +368,7 @@ def test_expected_startup_failure(
         pytest.skip("endpoint mode launches nothing")
     ctx = deployment.expect.context
     assert ctx is not None
-    pinned, _ = gpus.allocate(deployment, st.gpu_share)
-    spec = serving.launch_spec(deployment, pinned, st.startup_timeout)
-    srv = VllmServer(spec, log_path=st.run_dir / deployment.id / "server.log")
+    srv = st.launcher.server(deployment, st.run_dir / deployment.id / "server.log")
     try:
         srv.start()
     except ServerStartError as exc:
