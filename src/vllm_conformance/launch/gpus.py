@@ -36,8 +36,12 @@ class GpuSpec:
         return max(usable)
 
 
-#: Per GPU kind of the matrix. Memory as the driver reports it (``nvidia-smi``).
+#: Per GPU kind of the matrix. Memory as the driver reports it (``nvidia-smi``). ``cpu`` is
+#: the vLLM CPU backend on the 2-core machines CI runs on: nominal upper bounds, no datasheet.
 SPECS: dict[str, GpuSpec] = {
+    "cpu": GpuSpec(
+        24, 4e10, {"bf16": 8e12}, "nominal: 2 x86 cores, AMX 2,048 bf16 FLOP/cycle at 2 GHz"
+    ),
     "a100": GpuSpec(80, 2.039e12, {"bf16": 312e12}, "NVIDIA A100 datasheet (80GB SXM)"),
     "h100": GpuSpec(79.6, 3.35e12, {"bf16": 989e12, "fp8": 1979e12}, "NVIDIA H100 datasheet (SXM)"),
     "h200": GpuSpec(139.8, 4.8e12, {"bf16": 989e12, "fp8": 1979e12}, "NVIDIA H200 datasheet (SXM)"),

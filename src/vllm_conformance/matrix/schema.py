@@ -110,6 +110,9 @@ class Serve(_Strict):
     compilation_config: dict[str, Any] | None = None
     async_scheduling: bool | None = None
     enable_prefix_caching: bool | None = None
+    load_format: str | None = Field(
+        None, description="'dummy': random weights from config.json (real sizes, no download)"
+    )
     api_key_env: str | None = Field(
         None, description="name of the environment variable that holds --api-key"
     )

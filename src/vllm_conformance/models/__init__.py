@@ -93,3 +93,15 @@ def materialize(
             if tmp.exists():
                 shutil.rmtree(tmp)
     return target
+
+
+def config_of(recipe: str, options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The ``config.json`` the recipe writes, without building the model where the recipe
+    can say it (``config(**options)``); else the cached model's, if it was built; else None.
+    """
+    builder = _builder(recipe)
+    make = getattr(builder, "config", None)
+    if make is not None:
+        return make(**dict(options or {}))  # type: ignore[no-any-return]
+    built = cache_root() / "models" / cache_key(recipe, options) / "config.json"
+    return json.loads(built.read_text()) if built.is_file() else None

@@ -174,11 +174,8 @@ def build_tokenizer(vocab_size: int, seed: int = 0) -> Any:
     return tokenizer
 
 
-def build(
-    out_dir: Path,
+def text_config(
     *,
-    seed: int = 0,
-    tokenizer_seed: int = 0,
     hidden_size: int = 256,
     num_hidden_layers: int = 4,
     num_attention_heads: int = 4,
@@ -192,14 +189,10 @@ def build(
     no_rope_layer_interval: int = 4,
     vocab_size: int = 4096,
     max_position_embeddings: int = 10485760,
-) -> None:
-    """Write the model directory (config, safetensors weights, tokenizer, chat template).
+) -> Any:
+    """The ``Llama4TextConfig`` of the model (no weights, no tokenizer needed).
 
     Args:
-        out_dir: directory to write into (created if missing).
-        seed: seeds the random weights.
-        tokenizer_seed: seeds the tokenizer's training corpus; kept apart from ``seed`` so
-            models with different weights tokenize text the same way.
         hidden_size: model width.
         num_hidden_layers: decoder layers.
         num_attention_heads: query heads.
@@ -224,16 +217,10 @@ def build(
             temporaries that take 10-150 s of a busy 2-core machine at startup. A CPU run that
             does not need more than, say, 131072 positions starts faster with that value.
     """
-    import torch
-    from transformers import Llama4ForCausalLM, Llama4TextConfig
+    from transformers import Llama4TextConfig
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = build_tokenizer(vocab_size, tokenizer_seed)
-    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
-    eos_ids = [ids[END_OF_TEXT_TOKEN], ids[EOM_TOKEN], ids[EOT_TOKEN]]
-
+    # The tokenizer's special tokens take the last ids of the vocabulary (build_tokenizer).
+    ids = {t: vocab_size - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS)}
     config = Llama4TextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -247,7 +234,7 @@ def build(
         max_position_embeddings=max_position_embeddings,
         rms_norm_eps=1e-5,
         bos_token_id=ids[BOS_TOKEN],
-        eos_token_id=eos_ids,
+        eos_token_id=[ids[END_OF_TEXT_TOKEN], ids[EOM_TOKEN], ids[EOT_TOKEN]],
         pad_token_id=ids[PAD_TOKEN],
         tie_word_embeddings=False,
         num_local_experts=num_local_experts,
@@ -273,18 +260,54 @@ def build(
         },
     )
     config.architectures = ["Llama4ForCausalLM"]
+    return config
+
+
+def config(**options: int) -> dict[str, Any]:
+    """The ``config.json`` that ``build`` writes for these options."""
+    from transformers.utils import logging as hf_logging
+
+    options = {k: v for k, v in options.items() if k not in ("seed", "tokenizer_seed")}
+    # Scout's own RoPE parameters make transformers warn on every config it builds.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return text_config(**options).to_dict()  # type: ignore[no-any-return]
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def build(out_dir: Path, *, seed: int = 0, tokenizer_seed: int = 0, **shape: int) -> None:
+    """Write the model directory (config, safetensors weights, tokenizer, chat template).
+
+    ``seed`` seeds the random weights; ``tokenizer_seed`` the tokenizer's training corpus
+    (kept apart so models with different weights tokenize text the same way). ``shape``
+    takes the options of :func:`text_config`.
+    """
+    import torch
+    from transformers import Llama4ForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = text_config(**shape)
+    tokenizer = build_tokenizer(config.vocab_size, tokenizer_seed)
+    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    if ids[BOS_TOKEN] != config.bos_token_id:
+        raise RuntimeError("the tokenizer's special tokens are not at the end of its vocabulary")
 
     torch.manual_seed(seed)
     model = Llama4ForCausalLM(config)
     with torch.no_grad():
         # Greedy decoding then never picks a special token: random logits of the ordinary
         # tokens are almost surely above 0 somewhere, so completions run to max_tokens.
-        model.lm_head.weight[vocab_size - len(SPECIAL_TOKENS) :] = 0
+        model.lm_head.weight[config.vocab_size - len(SPECIAL_TOKENS) :] = 0
     model = model.to(torch.bfloat16)
     model.config.dtype = "bfloat16"
     model.save_pretrained(out_dir, safe_serialization=True)
 
-    write_tokenizer(out_dir, vocab_size, max_position_embeddings, tokenizer, eos_ids)
+    write_tokenizer(
+        out_dir, config.vocab_size, config.max_position_embeddings, tokenizer, config.eos_token_id
+    )
 
 
 def write_tokenizer(
