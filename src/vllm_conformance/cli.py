@@ -5,6 +5,7 @@ and ``run_<name>(args) -> int`` that does the work and returns the exit status; 
 subcommand is one more pair and one more line in :data:`SUBCOMMANDS`::
 
     vllm-conformance run [--suite NAME ...] [pytest options]
+    vllm-conformance serve ENTRY [--matrix M] [--log FILE] [--ready-file FILE]
     vllm-conformance compare OLD NEW [--format md|html|json] [--out FILE]
                              [--fail-on regressions|any|never]
     vllm-conformance report RUN_DIR [RUN_DIR ...] [--no-html] [--print]
@@ -48,11 +49,89 @@ def add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run_run(args: argparse.Namespace) -> int:
     modules = [f"vllm_conformance.suites.test_{s}" for s in args.suite or ()]
-    argv = [sys.executable, "-m", "pytest", *args.pytest_args, "--pyargs"]
+    # Test ids relative to the installed package (vllm_conformance/suites/test_x.py::...);
+    # outside its rootdir pytest would give them no module part at all.
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-m", "pytest", f"--rootdir={root}", "-p", "no:cacheprovider"]
+    argv += [*args.pytest_args, "--pyargs"]
     # pytest in its own process image: it must import the plugin itself (to rewrite its
     # asserts), and signals from CI reach it directly.
     os.execv(sys.executable, [*argv, *(modules or ["vllm_conformance.suites"])])
     return EXIT_USAGE  # not reached
+
+
+# -- serve --------------------------------------------------------------------------
+
+
+def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="start one matrix entry's server and keep it until SIGTERM or Ctrl-C",
+        description="Start the server of one matrix entry exactly as the suites would "
+        "(same arguments, GPUs, readiness check), print its URL, and keep it running until "
+        "SIGTERM or Ctrl-C; then stop it and everything it started. Run the suites against "
+        "it with --endpoint URL --entry ID --server-log FILE.",
+    )
+    p.add_argument("entry", metavar="ENTRY", help="matrix entry id")
+    p.add_argument("--matrix", type=Path, action="append", default=[], help="matrix file/dir")
+    p.add_argument("--log", type=Path, default=None, help="server log (default: ENTRY.log)")
+    p.add_argument(
+        "--ready-file", type=Path, help="write URL, model and KV capacity here as JSON once ready"
+    )
+    p.add_argument("--startup-timeout", type=float, default=900.0)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import json
+    import signal
+    import threading
+    from dataclasses import asdict
+
+    from vllm_conformance.launch import gpus, serving
+    from vllm_conformance.launch.local import ServerStartError
+    from vllm_conformance.matrix import MatrixError, load
+
+    try:
+        entry = load(args.matrix).select([args.entry])[0]
+    except MatrixError as exc:
+        print(f"vllm-conformance serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    launcher = serving.LocalLauncher(gpus.detect(), args.startup_timeout)
+    if why := launcher.unavailable(entry):
+        print(f"vllm-conformance serve: {entry.id}: {why}", file=sys.stderr)
+        return EXIT_USAGE
+    server = launcher.server(entry, args.log or Path(f"{entry.id}.log"))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        ep = server.start()
+    except ServerStartError as exc:
+        print(f"vllm-conformance serve: {entry.id}: {exc}", file=sys.stderr)
+        return EXIT_FINDINGS
+    try:
+        ready = {
+            "entry": entry.id,
+            "base_url": ep.base_url,
+            "model": ep.model,
+            "max_model_len": ep.max_model_len,
+            "version": ep.version,
+            "log": str(server.log_path.resolve()),
+            "startup_seconds": server.startup_seconds,
+            "kv_cache": asdict(server.kv_cache) if server.kv_cache else None,
+        }
+        print(json.dumps(ready), flush=True)
+        if args.ready_file:
+            args.ready_file.write_text(json.dumps(ready, indent=1) + "\n")
+        while not stop.wait(1.0) and server.alive():
+            pass
+        if not server.alive():
+            print(server.death_message(), file=sys.stderr)
+            return EXIT_FINDINGS
+        return EXIT_OK
+    finally:
+        server.stop()
 
 
 # -- compare ------------------------------------------------------------------------
@@ -188,6 +267,7 @@ def run_discover(args: argparse.Namespace) -> int:
 #: Every subcommand's ``add_<name>`` function, in the order ``--help`` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_run,
+    add_serve,
     add_compare,
     add_report,
     add_discover,

@@ -52,6 +52,7 @@ class State:
     launcher: serving.Launcher
     endpoint: str | None = None
     api_key: str | None = None
+    server_log: Path | None = None
     request_timeout: float = 600.0
     #: KV capacity logged by each entry's server started in this process, by entry id.
     kv_caches: dict[str, KvCacheInfo] = field(default_factory=dict)
@@ -84,6 +85,12 @@ def _run_dir(config: pytest.Config) -> Path:
         base = config.invocation_params.dir / base
     run_id = settings.resolve(config, "run-id") or time.strftime("%Y%m%d-%H%M%S")
     return base / run_id
+
+
+def _option_path(config: pytest.Config, name: str) -> Path | None:
+    """A path option, relative to the directory pytest was started in."""
+    value = settings.resolve(config, name)
+    return config.invocation_params.dir / value if value else None
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -139,6 +146,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ),
         endpoint=endpoint,
         api_key=settings.resolve(config, "api-key"),
+        server_log=_option_path(config, "server-log"),
         request_timeout=settings.resolve(config, "request-timeout"),
     )
     if worker is None and not config.option.collectonly:

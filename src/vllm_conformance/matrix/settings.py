@@ -54,6 +54,11 @@ OPTIONS: tuple[Option, ...] = (
         "base URL of an already-running deployment; nothing is launched",
     ),
     Option("api-key", "VLLM_CONFORMANCE_API_KEY", "API key for --endpoint"),
+    Option(
+        "server-log",
+        "VLLM_CONFORMANCE_SERVER_LOG",
+        "startup log of the --endpoint server: its KV capacity is then checked too",
+    ),
     Option("reports-dir", "VLLM_CONFORMANCE_REPORTS", "where run reports go", default="reports"),
     Option("run-id", "VLLM_CONFORMANCE_RUN_ID", "name of this run's report directory"),
     Option(
