@@ -121,6 +121,12 @@ def pytest_configure(config: pytest.Config) -> None:
     markers.register(config, {m for d in deployments for m in markers.deployment_markers(d)})
 
     endpoint = settings.resolve(config, "endpoint")
+    for name in ("api-key", "server-log"):
+        if settings.resolve(config, name) and not endpoint:
+            raise pytest.UsageError(
+                f"--{name} is for a server this run does not launch (--endpoint URL); a "
+                "launched entry takes its key from serve.api_key_env and its log from the run"
+            )
     if endpoint and len([d for d in selected if not d.startup_fails]) != 1:
         raise pytest.UsageError(
             "--endpoint runs the suites against one deployment: select its matrix entry "
