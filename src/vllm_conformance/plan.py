@@ -136,7 +136,7 @@ class Plan:
                 "entry": e.entry,
                 "gpu": e.gpu,
                 "gpus": e.gpus,
-                "node_gpus": self.node_gpus.get(e.gpu, NODE_GPUS),
+                "node_gpus": self.node_gpus[e.gpu],
                 "workers": self.workers,
                 "order": i,
                 "steps": [asdict(s) for s in e.steps],
@@ -250,8 +250,8 @@ def packed_seconds(jobs: Sequence[tuple[int, float]], node_gpus: int, workers: i
 
 def _assemble(entries: Sequence[EntryPlan], workers: int, node_gpus: Mapping[str, int]) -> Plan:
     nodes = []
-    for gpu in dict.fromkeys(e.gpu for e in entries):
-        size = node_gpus.get(gpu, NODE_GPUS)
+    sizes = {gpu: node_gpus.get(gpu, NODE_GPUS) for gpu in dict.fromkeys(e.gpu for e in entries)}
+    for gpu, size in sizes.items():
         mine = [e for e in entries if e.gpu == gpu]
         fit = [e for e in mine if e.gpus <= size or gpu == "cpu"]
         seconds = [e.seconds for e in fit]
@@ -266,7 +266,7 @@ def _assemble(entries: Sequence[EntryPlan], workers: int, node_gpus: Mapping[str
                 tuple(e.entry for e in mine if e not in fit),
             )
         )  # fmt: skip
-    return Plan(tuple(entries), tuple(nodes), workers, dict(node_gpus))
+    return Plan(tuple(entries), tuple(nodes), workers, sizes)
 
 
 def build(
