@@ -358,15 +358,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     for record in st.plan.records():
         st.writer.write("plan", **record)
-    total = st.plan.gpu_node_seconds
-    st.progress.line(
-        None,
-        f"plan: {len(st.plan.entries)} entries, "
-        + ", ".join(
-            f"{n.gpu} {'?' if n.packed_s is None else duration(n.packed_s)}" for n in st.plan.nodes
-        )
-        + ("" if total is None else f" (GPU-node time {duration(total)})"),
+    nodes = ", ".join(
+        f"{n.gpu} {'?' if n.packed_s is None else duration(n.packed_s)}" for n in st.plan.nodes
     )
+    st.progress.line(None, f"plan: {len(st.plan.entries)} entries planned ({nodes})")
 
 
 def _workers(config: pytest.Config, selected: list[tuple[Deployment, Any]]) -> int:
@@ -383,12 +378,14 @@ def _workers(config: pytest.Config, selected: list[tuple[Deployment, Any]]) -> i
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None]:
-    """Each test's wall time (setup, call, teardown: server start and stop included)."""
+    """Each test's wall time (setup, call, teardown: server start and stop included),
+    unless it was skipped at collection (then it ran on no server)."""
     began = time.monotonic()
     try:
         return (yield)
     finally:
-        if (entry := _entry_of(item)) is not None:
+        entry = _entry_of(item)
+        if entry is not None and item.get_closest_marker("skip") is None:
             state(item.config).writer.write(
                 "timing", entry=entry.id, nodeid=item.nodeid, seconds=time.monotonic() - began
             )

@@ -231,6 +231,8 @@ class TerminalTail:
         self.poll_s = poll_s
         self._offset = 0
         self._partial = b""
+        #: pytest's width of its current line when this last wrote
+        self._width = 0
         self._fd: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -269,6 +271,9 @@ class TerminalTail:
         if not lines or self._fd is None:
             return
         writer = getattr(self.terminal, "_tw", None)
-        # pytest may be half-way through a row of progress dots: start on a fresh line.
-        lead = b"\n" if writer is not None and writer.width_of_current_line else b""
+        width = writer.width_of_current_line if writer is not None else 0
+        # pytest may be half-way through a row of progress dots (it wrote since our last
+        # line, which ended one): start on a fresh line.
+        lead = b"\n" if width and width != self._width else b""
         os.write(self._fd, lead + b"".join(b"[progress] " + line + b"\n" for line in lines))
+        self._width = width
