@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from vllm_conformance.progress import Progress, TerminalTail, duration
 from vllm_conformance.report import RecordWriter, load_records
@@ -100,3 +103,35 @@ def test_the_tail_copies_every_line_to_the_terminal(tmp_path: Path) -> None:
         "[progress] [gw0] a: one",
         "[progress] [gw1] b: two",
     ]
+
+
+INNER = """
+def test_a_long_step(deployment, progress):
+    with progress.phase("server start", total=2, unit="steps") as step:
+        step.advance()
+        step.advance()
+"""
+
+
+def test_a_suite_reports_through_the_progress_fixture(tmp_path: Path) -> None:
+    """In one pytest process (no xdist) the lines reach the terminal past the capture, and a
+    phase named like a plan step starts from the planned time."""
+    (tmp_path / "test_inner.py").write_text(INNER)
+    matrix = {"deployments": [{
+        "id": "cpu-x", "source": "self-test", "hardware": {"gpu": "cpu"},
+        "model": {"family": "tiny", "precision": "bf16", "generate": "tiny-llama4"},
+        "serve": {"max_model_len": 2048},
+    }]}  # fmt: skip
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", str(tmp_path / "test_inner.py"), "-p",
+         "no:cacheprovider", "--rootdir", str(tmp_path), "--matrix", str(tmp_path / "m.yaml"),
+         "--reports-dir", str(tmp_path / "reports"), "--run-id", "r"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(
+        r"\[progress\] \[main [\d:]{8}\] cpu-x: server start started \(planned 2m", out.stdout
+    )
+    assert re.search(r"cpu-x: server start: 2/2 steps, \d+s elapsed, ETA 0s", out.stdout)
+    assert "cpu-x: server start done in" in out.stdout
