@@ -302,7 +302,7 @@ def pytest_collection_modifyitems(
                     pytest.mark.xfail(strict=True, reason=f"{issue.reason} ({issue.source})")
                 )
                 break
-    # Before this yield: xdist's worker turns the group into a node-id suffix in its hook.
+    # Marked before this yield: xdist's worker reads the marks in its own hook.
     yield
     items.sort(key=lambda item: -_gpus(item))
 
@@ -343,7 +343,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     st = state(config)
     if st.worker == "gw0":
         groups = {
-            item.nodeid: str(mark.args[0])
+            item.nodeid: str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
             for item in session.items
             if (mark := item.get_closest_marker("xdist_group")) is not None
         }
@@ -399,10 +399,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     terminal = config.pluginmanager.get_plugin("terminalreporter")
     if st is None or st.worker is not None or st.progress.path is None or terminal is None:
         return
-    st.tail = TerminalTail(st.progress.path, terminal)
     capture = config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        st.tail.start(sys.stdout.fileno())
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, OSError, ValueError):
+            return  # no terminal file descriptor (an IDE's stream): progress.log only
+        st.tail = TerminalTail(st.progress.path, terminal)
+        st.tail.start(fd)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
