@@ -6,6 +6,7 @@ subcommand is one more pair and one more line in :data:`SUBCOMMANDS`::
 
     vllm-conformance run [--suite NAME ...] [pytest options]
     vllm-conformance serve ENTRY [--matrix M] [--log FILE] [--ready-file FILE]
+    vllm-conformance plan [--format md|json] [--against RUN_DIR] [pytest options]
     vllm-conformance compare OLD NEW [--format md|html|json] [--out FILE]
                              [--fail-on regressions|any|never]
     vllm-conformance report RUN_DIR [RUN_DIR ...] [--no-html] [--print]
@@ -18,6 +19,9 @@ a run that cannot be read.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -78,7 +82,11 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--ready-file", type=Path, help="write URL, model and KV capacity here as JSON once ready"
     )
-    p.add_argument("--startup-timeout", type=float, default=900.0)
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        help="seconds (default: 3 x the entry's planned start from its model size, >= 900)",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -132,6 +140,76 @@ def run_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         server.stop()
+
+
+# -- plan ---------------------------------------------------------------------------
+
+
+def add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="the cost plan of a selection (server starts, full prefills, lm-eval documents, "
+        "load requests, GPU-node time), before anything starts",
+        description="Collect the bundled suites as 'run' would (every other option goes to "
+        "pytest: -m h100, --entry ID, --matrix DIR, -n 8) and print per entry the server "
+        "starts, full-length prefills, lm-eval documents, load-generator requests and the "
+        "planned time from the model's shape and the GPU's datasheet, then each node's time "
+        "one entry at a time and packed. Nothing is started; no GPU is needed.",
+    )
+    p.add_argument("--format", choices=("md", "json"), default="md", help="default: md")
+    p.add_argument(
+        "--against",
+        type=Path,
+        metavar="RUN_DIR",
+        help="instead: the plan of that run against what it measured",
+    )
+    p.set_defaults(func=run_plan, pass_unknown=True)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from vllm_conformance import plan
+
+    if args.against is not None:
+        from vllm_conformance import report
+
+        rows = plan.versus(report.load_records(args.against))
+        if not rows:
+            print(f"vllm-conformance plan: {args.against}: no plan records", file=sys.stderr)
+            return EXIT_USAGE
+        if args.format == "json":
+            print(json.dumps([vars(r) | {"ratio": r.ratio} for r in rows], indent=1))
+        else:
+            sys.stdout.write(plan.render_versus(rows))
+        return EXIT_OK
+    import pytest
+
+    from vllm_conformance import plugin
+
+    found: list[plan.Plan] = []
+
+    class Grab:
+        @pytest.hookimpl(trylast=True)
+        def pytest_collection_finish(self, session: pytest.Session) -> None:
+            if (got := plugin.state(session.config).plan) is not None:
+                found.append(got)
+
+    # As ``run`` collects them (see there for the rootdir).
+    root = Path(__file__).resolve().parent.parent
+    argv = ["--collect-only", "-q", f"--rootdir={root}", "-p", "no:cacheprovider"]
+    argv += [*args.pytest_args, "--pyargs", "vllm_conformance.suites"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = pytest.main(argv, plugins=[Grab()])
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED) or not found:
+        # A usage error is on stderr already; collection errors end pytest's report.
+        if code != pytest.ExitCode.USAGE_ERROR:
+            sys.stderr.write("\n".join(out.getvalue().splitlines()[-60:]) + "\n")
+        return EXIT_USAGE
+    if args.format == "json":
+        print(json.dumps(found[0].to_dict(), indent=1))
+    else:
+        sys.stdout.write(plan.render(found[0]))
+    return EXIT_OK
 
 
 # -- compare ------------------------------------------------------------------------
@@ -268,6 +346,7 @@ def run_discover(args: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_run,
     add_serve,
+    add_plan,
     add_compare,
     add_report,
     add_discover,

@@ -15,13 +15,14 @@ a family this package has no config for) gets ``None``: callers say so instead o
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vllm_conformance.launch.gpus import SPECS, GpuSpec
 from vllm_conformance.launch.logparse import KvCacheInfo, StartupFacts
-from vllm_conformance.matrix import Deployment
+from vllm_conformance.matrix import Deployment, Workload
 from vllm_conformance.models.shape import DTYPE_BYTES, Shape
 
 #: Fraction of peak FLOP/s a long prefill reaches (FlashAttention-3 and FP8 GEMMs on Hopper
@@ -34,6 +35,21 @@ DECODE_MBU = 0.5
 LOAD_BANDWIDTH = 2e9
 #: Fixed cost of a server start: Python imports, torch.compile, CUDA graphs, warm-up.
 STARTUP_FIXED_SECONDS = 120.0
+#: A start may take this many times its planned time before it counts as hung ...
+STARTUP_TIMEOUT_FACTOR = 3.0
+#: ... and never less than this (the 900 s every start had before deadlines were derived;
+#: vLLM CPU starts take 60-110 s alone, several times that beside a second server).
+STARTUP_TIMEOUT_MIN_SECONDS = 900.0
+#: Fixed cost of one engine step beyond its memory traffic (scheduling, sampling, kernel
+#: launches): the tiny model on one H200, whose weights read in microseconds, decodes at a
+#: median TPOT of 4.8-4.9 ms with 64 requests (README, verified on one H200, vLLM 0.26).
+STEP_OVERHEAD_SECONDS = 0.005
+#: vLLM's ``--max-num-seqs`` when an entry leaves it unset (GPU default since V1).
+DEFAULT_MAX_NUM_SEQS = 256
+#: A test of short requests (a robustness example, a rejected overflow, an auth probe) on a
+#: GPU: a few round trips of milliseconds plus the harness. A planning assumption; the
+#: planned-against-measured table of a run calibrates it.
+SHORT_TEST_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -128,7 +144,96 @@ def decode_step_floor_seconds(entry: Deployment, batch: int, context: int) -> fl
 
 def decode_step_seconds(entry: Deployment, batch: int, context: int) -> float | None:
     floor = decode_step_floor_seconds(entry, batch, context)
-    return None if floor is None else floor / DECODE_MBU
+    return None if floor is None else floor / DECODE_MBU + STEP_OVERHEAD_SECONDS
+
+
+def batch_seconds(
+    entry: Deployment, requests: int, input_len: int, output_len: int, concurrency: int
+) -> float | None:
+    """The planned time of ``requests`` requests of ``input_len`` prompt and ``output_len``
+    output tokens, at most ``concurrency`` at a time: every prompt is prefilled once, and
+    each wave of ``concurrency`` requests decodes ``output_len`` steps at its mean context."""
+    if requests <= 0:
+        return 0.0
+    batch = max(1, min(concurrency, requests))
+    prefill = prefill_seconds(entry, input_len)
+    step = decode_step_seconds(entry, batch, input_len + output_len // 2)
+    if prefill is None or step is None:
+        return None
+    return requests * prefill + math.ceil(requests / batch) * output_len * step
+
+
+def load_seconds(entry: Deployment, workload: Workload) -> float | None:
+    """The planned time of the entry's load run (warm-up requests included)."""
+    concurrency = workload.max_concurrency or entry.serve.max_num_seqs or DEFAULT_MAX_NUM_SEQS
+    busy = batch_seconds(
+        entry,
+        workload.num_prompts + workload.warmup,
+        workload.input_len,
+        workload.output_len,
+        concurrency,
+    )
+    if busy is None or workload.request_rate is None:
+        return busy
+    return max(busy, workload.num_prompts / workload.request_rate)
+
+
+@dataclass(frozen=True)
+class TaskTokens:
+    """What one document of an lm-eval task costs in tokens (a planning assumption)."""
+
+    #: the question (with its image, if any), without few-shot examples
+    prompt: int
+    #: tokens each few-shot example adds
+    per_shot: int
+    #: lm-eval's default ``num_fewshot`` of the task
+    shots: int
+    #: typical generated tokens per document, under the task's ``max_gen_toks``
+    output: int
+    source: str
+
+
+#: Per lm-eval task of the matrix. The shot counts and output caps are lm-eval's task YAMLs;
+#: the token counts are planning assumptions for Llama 4 that measured runs calibrate.
+TASK_TOKENS: dict[str, TaskTokens] = {
+    "gsm8k": TaskTokens(
+        100, 150, 5, 130, "lm-eval gsm8k.yaml: 5-shot, stops at 'Question:'; ~130-token answers"
+    ),
+    "mmlu_pro": TaskTokens(
+        250,
+        400,
+        5,
+        400,
+        "lm-eval mmlu_pro: 5-shot chain of thought, max_gen_toks 2048; ~400-token answers",
+    ),
+    "chartqa": TaskTokens(
+        1200,
+        0,
+        0,
+        300,
+        "lm-eval chartqa.yaml: 0-shot, describe-then-reason prompt, max_gen_toks 512; "
+        "~1,000 image tokens (Llama 4 tiles of 336 px)",
+    ),
+}
+
+
+def lm_eval_seconds(
+    entry: Deployment,
+    task: str,
+    documents: int,
+    num_fewshot: int | None,
+    max_gen_toks: int | None,
+    concurrency: int,
+) -> float | None:
+    """The planned time of one lm-eval run of ``documents`` documents of ``task``."""
+    tokens = TASK_TOKENS.get(task)
+    if tokens is None:
+        return None
+    shots = tokens.shots if num_fewshot is None else num_fewshot
+    output = min(tokens.output, max_gen_toks or tokens.output)
+    return batch_seconds(
+        entry, documents, tokens.prompt + shots * tokens.per_shot, output, concurrency
+    )
 
 
 def _routed_expert_params(shape: Shape, active: bool) -> int:
@@ -148,6 +253,12 @@ def startup_seconds(entry: Deployment) -> float:
     if entry.serve.load_format == "dummy":
         weights = 0.0
     return STARTUP_FIXED_SECONDS + weights / LOAD_BANDWIDTH
+
+
+def startup_timeout_seconds(entry: Deployment) -> float:
+    """How long a start of ``entry`` may take before it counts as hung: a multiple of its
+    planned time, so a 400 GB checkpoint gets longer than a tiny model."""
+    return max(STARTUP_TIMEOUT_MIN_SECONDS, STARTUP_TIMEOUT_FACTOR * startup_seconds(entry))
 
 
 # -- KV capacity: what vLLM logs against what the shape predicts --------------------------
