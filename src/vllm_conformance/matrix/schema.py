@@ -192,21 +192,34 @@ class AccuracyExpect(_Strict):
     ``against: reported`` compares with a published ``value``; ``against: reference``
     compares with the score of the reference implementation (transformers, greedy) on the
     same documents, which is how a generated model is checked for numerics conformance.
+    Both ask "is the served model worse?" at the project's one significance level
+    (:mod:`vllm_conformance.verdicts`); ``rtol`` is the drop tolerated on top of the noise.
     """
 
     task: str
     metric: str = Field(description="lm-eval result key, e.g. 'exact_match,flexible-extract'")
     against: Literal["reported", "reference"] = "reported"
     value: float | None = Field(None, ge=0, le=1)
+    stderr: float | None = Field(
+        None, ge=0, description="standard error of the reported value, when its source gives one"
+    )
     source: str
     gen_kwargs: dict[str, Any] = Field(default_factory=dict)
     api: Literal["completions", "chat-completions"] = "completions"
     num_fewshot: int | None = Field(None, ge=0)
     apply_chat_template: bool = False
-    limit: PositiveInt | None = None
-    concurrency: PositiveInt = 8
-    z: float = Field(2.576, gt=0, description="standard errors allowed (2.576 ~ 99 %)")
-    rtol: float | None = Field(None, ge=0, lt=1, description="relative tolerance, vLLM CI style")
+    fewshot_as_multiturn: bool = False
+    system_instruction: str | None = None
+    limit: PositiveInt | None = Field(
+        None, description="documents per task (per subtask of a group), e.g. vLLM CI's sizes"
+    )
+    concurrency: PositiveInt = Field(128, description="concurrent requests lm-eval sends")
+    one_sided: bool = Field(
+        True, description="fail only a shortfall; false: a difference either way fails"
+    )
+    rtol: float = Field(
+        0.0, ge=0, lt=1, description="relative drop tolerated besides the noise (vLLM CI: 0.08)"
+    )
     data: str | None = Field(
         None, description="local data set path, $ENV_VAR holding one, or 'fixture'"
     )
@@ -215,6 +228,8 @@ class AccuracyExpect(_Strict):
     def _value_iff_reported(self) -> AccuracyExpect:
         if (self.against == "reported") != (self.value is not None):
             raise ValueError("'value' is given exactly when 'against' is 'reported'")
+        if self.against == "reference" and (self.stderr is not None or self.rtol):
+            raise ValueError("'stderr' and 'rtol' apply to 'against: reported' only")
         return self
 
 
