@@ -199,6 +199,36 @@ def test_kv_cache_ratio_names_an_existing_entry(tmp_path: Path) -> None:
         load_matrix([tmp_path])
 
 
+def _with_threshold(metric: str, num_prompts: int) -> dict[str, Any]:
+    perf = {
+        "source": "test",
+        "workload": {"input_len": 16, "output_len": 8, "num_prompts": num_prompts},
+        "thresholds": [{"metric": metric, "max": 100, "source": "test"}],
+    }
+    return mutated(lambda e: e["expect"].update(performance=perf))
+
+
+def test_a_threshold_on_no_such_metric_fails_at_load(tmp_path: Path) -> None:
+    """A misspelt metric is one clear error at collection, not a failure after the run."""
+    assert load_matrix([write(tmp_path, _with_threshold("p95_ttft_ms", 200))])
+    path = write(tmp_path, _with_threshold("p99_time_to_first_token_ms", 1000))
+    with pytest.raises(MatrixError) as info:
+        load_matrix([tmp_path])
+    message = str(info.value)
+    assert message.startswith(
+        f"{path}: entry 'second': field 'expect.performance.thresholds.0.metric': "
+        "no metric 'p99_time_to_first_token_ms'"
+    )
+    assert "output_throughput" in message
+
+
+def test_a_percentile_gate_needs_enough_requests(tmp_path: Path) -> None:
+    assert load_matrix([write(tmp_path, _with_threshold("p99_e2el_ms", 662))])
+    write(tmp_path, _with_threshold("p99_e2el_ms", 640))
+    with pytest.raises(MatrixError, match=r"p99_e2el_ms needs at least 662 requests.* sends 640"):
+        load_matrix([tmp_path])
+
+
 @pytest.mark.parametrize(
     "text", ["deployments: [", "- just a list", "deployments: []", ""], ids=repr
 )
