@@ -377,24 +377,38 @@ def test_missing_split_for_few_shot_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_summary_has_one_accuracy_row_per_verdict() -> None:
-    """The Markdown summary shows served, expected, tolerance and margin of each verdict."""
+    """The Markdown summary shows settings, served (with n), expected, tolerance, margin and
+    the smallest detectable drop of each verdict, and why a check could not measure."""
     from vllm_conformance import report
 
     check = {
-        "check": "accuracy.gsm8k.exact_match,flexible-extract.local-chat-completions.0-shot",
+        "check": "accuracy.gsm8k.exact_match,flexible-extract.chat-completions.0-shot",
         "verdict": "fail",
         "measured": {"value": 0.04, "stderr": 0.016, "n": 150},
-        "expected": {"against": "reference", "value": 0.92},
+        "expected": {"against": "reference", "value": 0.92, "rtol": 0.0},
         "tolerance": 0.0685,
         "margin": -0.8115,
-        "lm_eval": {"api": "local-chat-completions", "n_shot": {"gsm8k": 0}},
+        "power": {"minimal_detectable_drop": 0.0669},
+        "settings": {"lm_eval": {"generation_kwargs": [{"max_gen_toks": 256, "until": ["Q:"]}]}},
+        "lm_eval": {"api": "local-chat-completions", "n_shot": {"gsm8k": 0},
+                    "apply_chat_template": True},
+    }  # fmt: skip
+    truncated = {
+        **check,
+        "check": "accuracy.gsm8k.x",
+        "unmeasured": "lm-eval warned: 3 x truncated",
     }
     rep = {
-        "entries": {"cpu-arith": {"checks": [check, {"check": "context.exact", "verdict": "pass"}]}}
+        "entries": {
+            "cpu-arith": {
+                "checks": [check, truncated, {"check": "context.exact", "verdict": "pass"}]
+            }
+        }
     }
     rows = [r for r in report.summary_markdown(rep).splitlines() if "| gsm8k." in r]
-    assert rows == [
-        "| cpu-arith | gsm8k.exact_match,flexible-extract.local-chat-completions.0-shot | "
-        "local-chat-completions | 0 | 0.0400 ± 0.0160 (n=150) | 0.9200 (reference) | 0.0685 | "
-        "-0.8115 | fail |"
-    ]
+    assert rows[0] == (
+        "| cpu-arith | gsm8k.exact_match,flexible-extract.chat-completions.0-shot | "
+        'local-chat-completions | 0 | true | max_gen_toks=256, until=["Q:"] | '
+        "0.0400 ± 0.0160 (n=150) | 0.9200 (reference) | 0.0685 | -0.8115 | 0.0669 | fail |"
+    )
+    assert rows[1].endswith("| fail (could not measure: lm-eval warned: 3 x truncated) |")

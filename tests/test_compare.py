@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from test_report import child_env, killed_run
 
-from vllm_conformance import report
+from vllm_conformance import report, verdicts
 from vllm_conformance.report import compare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -321,8 +321,11 @@ def test_paired_documents_make_a_small_drop_visible(tmp_path: Path) -> None:
     b = _write_run(tmp_path / "b", "2", [checks[1]])
     (row,) = compare.compare_paths(a, b).accuracy
     assert row["method"].startswith("paired") and row["verdict"] == "regression"
-    independent = compare._z_test(row["old"], row["old_stderr"], row["new"], row["new_stderr"])
-    assert independent[1] > 0.05 > row["p_value"]
+    independent = verdicts.independent_difference(
+        verdicts.Score(row["new"], row["new_stderr"], 400),
+        verdicts.Score(row["old"], row["old_stderr"], 400),
+    )
+    assert independent.p_value > 0.05 > row["p_value"]
 
 
 def test_performance_samples_go_through_perf_stats(tmp_path: Path) -> None:
