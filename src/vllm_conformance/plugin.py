@@ -30,7 +30,7 @@ from vllm_conformance import report
 from vllm_conformance.launch import gpus as gpu_mod
 from vllm_conformance.launch import serving
 from vllm_conformance.launch.logparse import KvCacheInfo
-from vllm_conformance.matrix import Deployment, MatrixError, load, markers, settings
+from vllm_conformance.matrix import Deployment, KnownIssue, MatrixError, load, markers, settings
 
 #: The fixtures every suite can take (one module per concept).
 pytest_plugins = [
@@ -197,19 +197,39 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("deployment", params, indirect=True, scope="session")
 
 
+class KnownFindings(Exception):
+    """Raised by a test whose every finding matched a known issue of its entry: the
+    strict xfail the plugin set expects exactly this, so any other failure still fails."""
+
+
+def _known_issues(item: pytest.Item) -> list[KnownIssue]:
+    callspec = getattr(item, "callspec", None)
+    entry = callspec.params.get("deployment") if callspec else None
+    if not isinstance(entry, Deployment):
+        return []
+    return [i for i in entry.expect.known_issues if i.matches(item.name)]
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark the tests that an entry's ``known_issues`` name as strict expected failures."""
+    """Mark the tests that an entry's ``known_issues`` name as strict expected failures:
+    of any failure, or, when every issue naming the test has a signature, only of
+    :class:`KnownFindings` (the test matched its findings to them)."""
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        entry = callspec.params.get("deployment") if callspec else None
-        if not isinstance(entry, Deployment):
+        issues = _known_issues(item)
+        if not issues:
             continue
-        for issue in entry.expect.known_issues:
-            if issue.matches(item.name):
-                item.add_marker(
-                    pytest.mark.xfail(strict=True, reason=f"{issue.reason} ({issue.source})")
-                )
-                break
+        reason = "; ".join(f"{i.reason} ({i.source})" for i in issues)
+        if all(i.has_signature for i in issues):
+            item.add_marker(pytest.mark.xfail(strict=True, raises=KnownFindings, reason=reason))
+        else:
+            item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+@pytest.fixture
+def known_issues(request: pytest.FixtureRequest) -> list[KnownIssue]:
+    """The known issues with a signature that name this test, for it to match its
+    findings against (then raise :class:`KnownFindings` if all matched)."""
+    return [i for i in _known_issues(request.node) if i.has_signature]
 
 
 @pytest.hookimpl(wrapper=True)
