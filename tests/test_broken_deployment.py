@@ -123,7 +123,7 @@ def broken(tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 def test_wrong_chat_template_fails_the_chat_task(broken: Run) -> None:
     assert broken.proc.returncode == 1, broken.output
-    assert "accuracy below expectation" in broken.output, broken.output
+    assert "accuracy below expectation" in broken.proc.stdout, broken.output
     checks = [r for r in broken.records if r.get("kind") == "check" and "accuracy" in r["check"]]
     verdicts = {(c["lm_eval"]["api"], c["expected"]["against"]): c for c in checks}
     plain, chat = "local-completions", "local-chat-completions"

@@ -297,28 +297,12 @@ def test_bad_input(
         http.close()
     elapsed = time.monotonic() - began
     for exc_type, failure in failures.items():
-        recorder.record(
-            f"{check}.{exc_type.__name__}",
-            "fail",
-            request=failure["request"],
-            status=failure["status"],
-            error=failure["error"],
-            measured=failure["measured"],
-            problem=failure["problem"],
-            response_head=failure["response_head"],
-            first_request=first_failure[exc_type]["request"],
-        )
+        recorder.record(f"{check}.{exc_type.__name__}", "fail",
+                        **failure, first_request=first_failure[exc_type]["request"])  # fmt: skip
     for i, (count, failure) in sorted(seen.items()):
-        recorder.record(
-            f"{check}.known.{i}",
-            "fail",
-            request=failure["request"],
-            status=failure["status"],
-            error=failure["error"],
-            problem=failure["problem"],
-            measured={"times": count},
-            known_issue={"reason": known_issues[i].reason, "source": known_issues[i].source},
-        )
+        issue = {"reason": known_issues[i].reason, "source": known_issues[i].source}
+        recorder.record(f"{check}.known.{i}", "fail",
+                        **{**failure, "measured": {"times": count}}, known_issue=issue)  # fmt: skip
     unseen = [issue for i, issue in enumerate(known_issues) if i not in seen]
     healthy, health_error = True, ""
     try:

@@ -42,18 +42,18 @@ def _environment(diff: Diff) -> None:
             diff.add(
                 "note", "environment", None, label, "version", old_rows[label], new_rows.get(label)
             )
-    old_vars, new_vars = old_env.get("env") or {}, new_env.get("env") or {}
-    for name in sorted(set(old_vars) | set(new_vars)):
-        if old_vars.get(name) != new_vars.get(name):
-            diff.add(
-                "note",
-                "environment",
-                None,
-                name,
-                "environment variable",
-                old_vars.get(name),
-                new_vars.get(name),
-            )
+    _notes(diff, "environment", None, "environment variable", old_env.get("env"),
+           new_env.get("env"))  # fmt: skip
+
+
+def _notes(
+    diff: Diff, area: str, entry: str | None, field: str, old: Any, new: Any, detail: str = ""
+) -> None:
+    """One note per key whose value differs between two mappings."""
+    old, new = old or {}, new or {}
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            diff.add("note", area, entry, name, field, old.get(name), new.get(name), detail)
 
 
 def _capacity_row(
@@ -155,19 +155,8 @@ def _capacity(diff: Diff, entry: str, old_srv: dict[str, Any], new_srv: dict[str
             str(new_srv.get("teardown_message") or ""),
         )
 
-    o_args, n_args = old_srv.get("serve_args") or {}, new_srv.get("serve_args") or {}
-    for name in sorted(set(o_args) | set(n_args)):
-        if o_args.get(name) != n_args.get(name):
-            diff.add(
-                "note",
-                "serve",
-                entry,
-                name,
-                "serve argument",
-                o_args.get(name),
-                n_args.get(name),
-                "the runs did not serve with the same arguments",
-            )
+    _notes(diff, "serve", entry, "serve argument", old_srv.get("serve_args"),
+           new_srv.get("serve_args"), "the runs did not serve with the same arguments")  # fmt: skip
 
 
 def _check_row(
