@@ -412,3 +412,55 @@ def test_summary_has_one_accuracy_row_per_verdict() -> None:
         "0.0400 ± 0.0160 (n=150) | 0.9200 (reference) | 0.0685 | -0.8115 | 0.0669 | fail |"
     )
     assert rows[1].endswith("| fail (could not measure: lm-eval warned: 3 x truncated) |")
+
+
+# --- task variants and what lm-eval warns about ------------------------------------------
+
+
+def test_task_variants_read_their_data_set() -> None:
+    assert acc.dataset_of("mmlu_pro") == "mmlu_pro"
+    assert acc.env_var("mmlu_pro") == "VLLM_CONFORMANCE_MMLU_PRO"
+    if HAVE_LM_EVAL:
+        assert acc.dataset_of("mmlu_pro_llama") == "mmlu_pro"
+        assert acc.env_var("chartqa_llama_90") == "VLLM_CONFORMANCE_CHARTQA"
+        assert acc.resolve_data("mmlu_pro_llama", "fixture") == acc.DATA_ROOT / "mmlu_pro"
+
+
+@needs_lm_eval
+def test_llama4_entries_pin_what_their_tasks_define(tmp_path: Path) -> None:
+    """The Llama 4 entries name lm-eval's llama variants with the card's 0 shots and pin the
+    tasks' own generation settings, so a new lm-eval cannot change them unseen; the
+    overrides render on the shipped fixtures."""
+    from lm_eval.tasks import TaskManager
+
+    from vllm_conformance.matrix import load
+
+    pinned = {
+        (e.id, x.task): x
+        for e in load([]).known.values()
+        for x in e.expect.accuracy
+        if x.task.endswith(("_llama", "_llama_90"))
+    }
+    assert {task for _, task in pinned} == {"mmlu_pro_llama", "chartqa_llama_90"}
+    data = {t: acc.resolve_data(t, "fixture") for t in ("mmlu_pro_llama", "chartqa_llama_90")}
+    acc.write_task_overrides(tmp_path, data, num_fewshot=dict.fromkeys(data, 0))
+    tasks = TaskManager(include_path=str(tmp_path)).load(list(data))["tasks"]
+    for (_, name), exp in pinned.items():
+        leaves = [t for n, t in tasks.items() if n == name or n.startswith(f"{name}_")]
+        assert leaves and exp.num_fewshot == 0 and exp.apply_chat_template
+        assert exp.limit in (100, 250) and exp.api == "chat-completions"
+        for leaf in leaves:
+            assert dict(leaf.config.generation_kwargs) == exp.gen_kwargs, name
+
+
+def test_lm_eval_warnings_are_collected() -> None:
+    import logging
+
+    log = logging.getLogger("lm_eval.models.api_models")
+    with acc._lm_eval_warnings() as warned:
+        log.warning("Some contexts exceeded (max length: (2047)). They were left truncated.")
+        log.warning("API returned null content. Content filled with placeholder")
+        log.warning("an unrelated warning")
+    assert set(warned) == {"truncated", "null_answer"}
+    log.warning("after the block: not collected")
+    assert sum(map(len, warned.values())) == 2
