@@ -325,3 +325,21 @@ def test_known_issues_become_strict_xfails(deployments: list[Deployment]) -> Non
     names = [line.split("::", 1)[1] for line in out.stdout.splitlines() if "::" in line]
     marked = [n for n in names if any(i.matches(n) for i in cpu.expect.known_issues)]
     assert 0 < len(marked) < len(names)
+
+
+def test_known_issue_signatures_match_only_their_finding() -> None:
+    from vllm_conformance.matrix import KnownIssue
+
+    issue = KnownIssue(test="test_bad_input[*]", status=500, error_type="InternalServerError",
+                       message=r"^\s*$|NoneType", reason="r", source="s")  # fmt: skip
+    assert issue.has_signature
+    assert issue.matches_finding(500, "InternalServerError", "'NoneType' object")
+    assert not issue.matches_finding(500, "InternalServerError", "a new server error")
+    assert not issue.matches_finding(400, "InternalServerError", "NoneType")
+    assert not KnownIssue(test="t", reason="r", source="s").matches_finding(500, None, "")
+    with pytest.raises(ValueError, match="not a regular expression"):
+        KnownIssue(test="t", message="(", reason="r", source="s")
+    with pytest.raises(ValueError, match="matched by the signature"):
+        KnownIssue(test="t", replay=[{"api": "chat", "raw": "null"}], reason="r", source="s")
+    with pytest.raises(ValueError, match="exactly one of"):
+        KnownIssue(test="t", status=500, replay=[{"api": "chat"}], reason="r", source="s")
