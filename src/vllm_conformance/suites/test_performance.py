@@ -102,18 +102,20 @@ def test_thresholds(perf_run: PerfRun, recorder: Recorder) -> None:
     """Each threshold of the entry holds; a failure names metric, value, bound and source.
 
     A percentile measured on fewer completed requests than support it (MLPerf's rule,
-    :func:`~vllm_conformance.perf.workload.min_requests`) fails, whatever its value.
+    :func:`~vllm_conformance.perf.workload.min_requests`) fails, whatever its value, and so
+    does every threshold of a run with failed requests (its latencies leave them out).
     """
     if not perf_run.expect.thresholds:
         pytest.skip("the entry declares no performance thresholds")
     values = perf_run.metrics.as_dict()
     completed = perf_run.metrics.completed
-    broken = []
+    lost = perf_run.metrics.failed + perf_run.metrics.not_sent
+    broken = [f"could not measure: {lost} requests failed or were not sent"] if lost else []
     for t in perf_run.expect.thresholds:
         value = values.get(t.metric)
         q = workload.percentile_of(t.metric)
         need = workload.min_requests(q) if q is not None else 1
-        ok = value is not None and not math.isnan(value) and completed >= need
+        ok = value is not None and not math.isnan(value) and completed >= need and not lost
         ok = ok and (t.min is None or value >= t.min) and (t.max is None or value <= t.max)
         bound = f">= {t.min}" if t.min is not None else f"<= {t.max}"
         recorder.record(f"performance.threshold.{t.metric}", "pass" if ok else "fail",
