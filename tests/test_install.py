@@ -34,7 +34,9 @@ USER_MATRIX = textwrap.dedent(
 
 
 def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_CONFORMANCE_", "PYTEST_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("VLLM_CONFORMANCE_", "PYTEST_"))
+    }
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)
     return env
