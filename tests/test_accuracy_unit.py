@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_conformance import verdicts
 from vllm_conformance.client import accuracy as acc
 from vllm_conformance.models import trained
 
@@ -21,16 +22,16 @@ HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-eval is not installed")
 
 
-# --- statistics --------------------------------------------------------------------------
+# --- statistics (vllm_conformance.verdicts) ----------------------------------------------
 
 
 def test_binomial_stderr_is_lm_evals_formula() -> None:
     scores = [1.0] * 30 + [0.0] * 10
     p, n = sum(scores) / len(scores), len(scores)
     sample_sd = math.sqrt(sum((x - p) ** 2 for x in scores) / (n - 1))
-    assert acc.binomial_stderr(p, n) == pytest.approx(sample_sd / math.sqrt(n))
-    assert acc.binomial_stderr(0.75, 40) == pytest.approx(math.sqrt(0.75 * 0.25 / 39))
-    assert acc.binomial_stderr(1.0, 10) == 0.0
+    assert verdicts.binomial_stderr(p, n) == pytest.approx(sample_sd / math.sqrt(n))
+    assert verdicts.binomial_stderr(0.75, 40) == pytest.approx(math.sqrt(0.75 * 0.25 / 39))
+    assert verdicts.binomial_stderr(1.0, 10) == 0.0
 
 
 @needs_lm_eval
@@ -39,98 +40,123 @@ def test_binomial_stderr_matches_lm_eval_mean_stderr() -> None:
 
     scores = [1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 0]
     p = sum(scores) / len(scores)
-    assert acc.binomial_stderr(p, len(scores)) == pytest.approx(mean_stderr(scores))
+    assert verdicts.binomial_stderr(p, len(scores)) == pytest.approx(mean_stderr(scores))
 
 
 @pytest.mark.parametrize(("p", "n"), [(0.5, 1), (0.5, 0), (1.5, 10), (-0.1, 10)])
 def test_binomial_stderr_rejects_bad_input(p: float, n: int) -> None:
     with pytest.raises(ValueError):
-        acc.binomial_stderr(p, n)
+        verdicts.binomial_stderr(p, n)
 
 
-def test_wilson_interval_known_values() -> None:
-    lo, hi = acc.wilson_interval(0.5, 100, z=1.96)
-    assert (lo, hi) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
-    lo, hi = acc.wilson_interval(1.0, 50, z=1.96)
-    assert hi == 1.0 and 0.92 < lo < 0.93  # never the degenerate [1, 1] of p ± z·se
-
-
-def test_check_reported_inside_and_outside_z_band() -> None:
-    inside = acc.check_reported(0.80, 0.02, 0.85, z=2.576)
-    assert inside.passed
-    assert inside.tolerance == pytest.approx(2.576 * 0.02)
-    assert inside.margin == pytest.approx(2.576 * 0.02 - 0.05)
-    outside = acc.check_reported(0.79, 0.02, 0.85, z=2.576)
+def test_against_reported_is_one_sided_by_default() -> None:
+    z = verdicts.z_value()
+    assert z == pytest.approx(2.3263, abs=1e-4)  # one-sided 1 %
+    inside = verdicts.against_reported(verdicts.Score(0.80, 0.02, 400), 0.84)
+    assert inside.passed and inside.tolerance == pytest.approx(z * 0.02)
+    assert inside.margin == pytest.approx(z * 0.02 - 0.04)
+    outside = verdicts.against_reported(verdicts.Score(0.79, 0.02, 400), 0.84)
     assert not outside.passed and outside.margin < 0
-    # two-sided: far above the reported value is also a failure ...
-    assert not acc.check_reported(0.95, 0.02, 0.85).passed
-    # ... unless only a shortfall counts
-    above = acc.check_reported(0.95, 0.02, 0.85, one_sided=True)
+    # doing better than reported is no failure ...
+    above = verdicts.against_reported(verdicts.Score(0.95, 0.02, 400), 0.85)
     assert above.passed and above.margin == pytest.approx(above.tolerance)
+    # ... unless the entry asks whether the scores differ at all
+    two = verdicts.against_reported(verdicts.Score(0.95, 0.02, 400), 0.85, one_sided=False)
+    assert not two.passed and two.tolerance == pytest.approx(verdicts.z_value(0.005) * 0.02)
 
 
-def test_check_reported_rtol_widens_never_narrows() -> None:
-    # vLLM CI: measured >= target * (1 - 0.08); 0.83 vs 0.89 is within 8 %
-    ci = acc.check_reported(0.83, 0.005, 0.89, rtol=0.08, one_sided=True)
-    assert ci.passed and ci.tolerance == pytest.approx(0.08 * 0.89)
-    # a tiny rtol cannot make the statistical allowance smaller
-    wide = acc.check_reported(0.80, 0.03, 0.85, rtol=0.001)
-    assert wide.passed and wide.tolerance == pytest.approx(2.576 * 0.03)
-    assert "max(" in wide.rule
+def test_rtol_adds_to_the_noise_allowance() -> None:
+    # vLLM CI: measured >= target * (1 - 0.08); the noise allowance comes on top of it
+    v = verdicts.against_reported(verdicts.Score(0.81, 0.005, 3500), 0.89, rtol=0.08)
+    assert v.tolerance == pytest.approx(0.08 * 0.89 + verdicts.z_value() * 0.005)
+    assert v.passed and "0.08 * 0.8900" in v.rule
+    assert not verdicts.against_reported(verdicts.Score(0.80, 0.005, 3500), 0.89, rtol=0.08).passed
 
 
-def test_check_reported_adds_reported_stderr_in_quadrature() -> None:
-    v = acc.check_reported(0.80, 0.03, 0.85, z=2.0, reported_stderr=0.04)
-    assert v.tolerance == pytest.approx(2.0 * 0.05)
+def test_reported_stderr_adds_in_quadrature() -> None:
+    v = verdicts.against_reported(verdicts.Score(0.80, 0.03, 200), 0.85, reported_stderr=0.04)
+    assert v.tolerance == pytest.approx(verdicts.z_value() * 0.05)
     assert v.expected_stderr == 0.04
 
 
-def test_check_reported_needs_stderr_for_a_bare_value() -> None:
-    with pytest.raises(ValueError):
-        acc.check_reported(0.8, None, 0.8)
-    assert acc.check_reported(acc.Score(0.8, 0.01, 100), None, 0.8).passed
+def test_the_level_holds_at_the_edge_of_the_tolerance() -> None:
+    """A served model exactly ``rtol`` worse than reported fails with probability ALPHA (the
+    larger-of-the-two rule this replaces failed it half the time), and one worse by the
+    minimal detectable drop fails with probability POWER."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    reported, rtol, n, runs = 0.80, 0.05, 1000, 4000
+
+    def fail_rate(true_p: float) -> float:
+        fails = 0
+        for hits in rng.binomial(n, true_p, size=runs):
+            p = hits / n
+            score = verdicts.Score(p, verdicts.binomial_stderr(p, n), n)
+            fails += not verdicts.against_reported(score, reported, rtol=rtol).passed
+        return fails / runs
+
+    assert fail_rate(reported * (1 - rtol)) <= 2 * verdicts.ALPHA
+    mdd = verdicts.against_reported(verdicts.Score(0.8, 0.0126, n), reported, rtol=rtol)
+    drop = mdd.minimal_detectable_drop
+    assert fail_rate(reported - drop) == pytest.approx(verdicts.POWER, abs=0.04)
 
 
-def test_compare_scores_is_symmetric_quadrature() -> None:
-    a, b = acc.Score(0.78, 0.034, 150), acc.Score(0.84, 0.030, 150)
-    ab, ba = acc.compare_scores(a, b), acc.compare_scores(b, a)
-    assert ab.tolerance == pytest.approx(2.576 * math.hypot(0.034, 0.030))
-    assert ab.tolerance == pytest.approx(ba.tolerance)
-    assert ab.passed and ba.passed and ab.margin == pytest.approx(ba.margin)
-    broken = acc.Score(0.10, 0.025, 150)
-    verdict = acc.compare_scores(broken, b)
-    assert not verdict.passed and verdict.margin < -0.5
+def test_minimal_detectable_drop_at_vllm_ci_sizes() -> None:
+    """What vLLM CI's sizes can see: 250 MMLU-Pro questions per subject (3,500) and 100
+    ChartQA questions, at the one-sided 1 % level with 80 % power."""
+    mmlu = verdicts.against_reported(verdicts.Score(0.80, 0.0068, 3500), 0.805)
+    assert 0.021 < mmlu.minimal_detectable_drop < 0.023
+    chartqa = verdicts.against_reported(verdicts.Score(0.9, 0.03, 100), 0.90, rtol=0.02)
+    assert 0.15 < chartqa.minimal_detectable_drop < 0.17  # 100 questions see only big drops
+    # and the inverse: the documents that detect that drop on MMLU-Pro
+    needed = verdicts.documents_needed(0.805, mmlu.minimal_detectable_drop)
+    assert needed == pytest.approx(3500, abs=2)
+    with pytest.raises(ValueError, match="within the tolerance"):
+        verdicts.documents_needed(0.805, 0.01, rtol=0.02)
 
 
-def test_compare_scores_perfect_runs() -> None:
-    # both at 1.0: zero standard errors, equal values pass with zero margin
-    assert acc.compare_scores(acc.Score(1.0, 0.0, 50), acc.Score(1.0, 0.0, 50)).passed
-    assert not acc.compare_scores(acc.Score(0.98, 0.0, 50), acc.Score(1.0, 0.0, 50)).passed
-
-
-def test_compare_paired() -> None:
+def test_against_reference_is_paired() -> None:
     ref = {f"t/{i}": float(i % 5 != 0) for i in range(200)}
-    same = acc.compare_paired(dict(ref), ref)
+    same = verdicts.against_reference(dict(ref), ref)
     assert same.passed and same.tolerance == 0.0 and "0 differ" in same.rule
     # a few flips both ways: noise
     noisy = dict(ref)
     for k in ("t/0", "t/1", "t/5", "t/6"):
         noisy[k] = 1.0 - noisy[k]
-    assert acc.compare_paired(noisy, ref).passed
+    assert verdicts.against_reference(noisy, ref).passed
     # twelve documents lost, none gained: a real regression, though 0.74 vs 0.80 would
     # pass the unpaired rule at n=200
     worse = dict(ref)
     for i in [1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13, 14]:
         worse[f"t/{i}"] = 0.0
-    verdict = acc.compare_paired(worse, ref)
+    verdict = verdicts.against_reference(worse, ref)
     assert not verdict.passed
-    unpaired = acc.compare_scores(
-        acc.Score(verdict.value, acc.binomial_stderr(verdict.value, 200), 200),
-        acc.Score(verdict.expected, acc.binomial_stderr(verdict.expected, 200), 200),
+    unpaired = verdicts.against_reported(
+        verdicts.Score(verdict.value, verdicts.binomial_stderr(verdict.value, 200), 200),
+        verdict.expected,
+        reported_stderr=verdicts.binomial_stderr(verdict.expected, 200),
     )
     assert unpaired.passed
+    # no fewer than (z_a + z_b)^2 lost documents are detectable, however few differ
+    assert same.minimal_detectable_drop == pytest.approx(
+        (verdicts.z_value() + 0.8416) ** 2 / 200, rel=1e-3
+    )
     with pytest.raises(ValueError, match="different documents"):
-        acc.compare_paired({"t/0": 1.0, "t/1": 1.0}, {"t/0": 1.0, "t/2": 1.0})
+        verdicts.against_reference({"t/0": 1.0, "t/1": 1.0}, {"t/0": 1.0, "t/2": 1.0})
+
+
+def test_judge_needs_the_bound_beyond_the_tolerance() -> None:
+    latency = {"baseline": 1.0, "min_effect": 0.05, "higher_is_better": False}
+    score = {"baseline": 0.9, "min_effect": 0.0, "higher_is_better": True}
+    # latency: +30 % with bounds +20..+40 % is a regression at min_effect 5 %
+    assert verdicts.judge(0.2, 0.4, **latency) == "regression"
+    # significant but smaller than the tolerance: no regression
+    assert verdicts.judge(0.02, 0.04, **latency) == "no change"
+    # accuracy (higher is better): a drop whose upper bound is below -tolerance
+    assert verdicts.judge(-0.06, -0.02, **score) == "regression"
+    assert verdicts.judge(0.01, 0.05, **score) == "improvement"
+    assert verdicts.judge(-0.03, 0.01, **score) == "no change"
 
 
 def test_split_metric() -> None:
@@ -351,24 +377,90 @@ def test_missing_split_for_few_shot_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_summary_has_one_accuracy_row_per_verdict() -> None:
-    """The Markdown summary shows served, expected, tolerance and margin of each verdict."""
+    """The Markdown summary shows settings, served (with n), expected, tolerance, margin and
+    the smallest detectable drop of each verdict, and why a check could not measure."""
     from vllm_conformance import report
 
     check = {
-        "check": "accuracy.gsm8k.exact_match,flexible-extract.local-chat-completions.0-shot",
+        "check": "accuracy.gsm8k.exact_match,flexible-extract.chat-completions.0-shot",
         "verdict": "fail",
         "measured": {"value": 0.04, "stderr": 0.016, "n": 150},
-        "expected": {"against": "reference", "value": 0.92},
+        "expected": {"against": "reference", "value": 0.92, "rtol": 0.0},
         "tolerance": 0.0685,
         "margin": -0.8115,
-        "lm_eval": {"api": "local-chat-completions", "n_shot": {"gsm8k": 0}},
+        "power": {"minimal_detectable_drop": 0.0669},
+        "settings": {"lm_eval": {"generation_kwargs": [{"max_gen_toks": 256, "until": ["Q:"]}]}},
+        "lm_eval": {"api": "local-chat-completions", "n_shot": {"gsm8k": 0},
+                    "apply_chat_template": True},
+    }  # fmt: skip
+    truncated = {
+        **check,
+        "check": "accuracy.gsm8k.x",
+        "unmeasured": "lm-eval warned: 3 x truncated",
     }
     rep = {
-        "entries": {"cpu-arith": {"checks": [check, {"check": "context.exact", "verdict": "pass"}]}}
+        "entries": {
+            "cpu-arith": {
+                "checks": [check, truncated, {"check": "context.exact", "verdict": "pass"}]
+            }
+        }
     }
     rows = [r for r in report.summary_markdown(rep).splitlines() if "| gsm8k." in r]
-    assert rows == [
-        "| cpu-arith | gsm8k.exact_match,flexible-extract.local-chat-completions.0-shot | "
-        "local-chat-completions | 0 | 0.0400 ± 0.0160 (n=150) | 0.9200 (reference) | 0.0685 | "
-        "-0.8115 | fail |"
-    ]
+    assert rows[0] == (
+        "| cpu-arith | gsm8k.exact_match,flexible-extract.chat-completions.0-shot | "
+        'local-chat-completions | 0 | true | max_gen_toks=256, until=["Q:"] | '
+        "0.0400 ± 0.0160 (n=150) | 0.9200 (reference) | 0.0685 | -0.8115 | 0.0669 | fail |"
+    )
+    assert rows[1].endswith("| fail (could not measure: lm-eval warned: 3 x truncated) |")
+
+
+# --- task variants and what lm-eval warns about ------------------------------------------
+
+
+def test_task_variants_read_their_data_set() -> None:
+    assert acc.dataset_of("mmlu_pro") == "mmlu_pro"
+    assert acc.env_var("mmlu_pro") == "VLLM_CONFORMANCE_MMLU_PRO"
+    if HAVE_LM_EVAL:
+        assert acc.dataset_of("mmlu_pro_llama") == "mmlu_pro"
+        assert acc.env_var("chartqa_llama_90") == "VLLM_CONFORMANCE_CHARTQA"
+        assert acc.resolve_data("mmlu_pro_llama", "fixture") == acc.DATA_ROOT / "mmlu_pro"
+
+
+@needs_lm_eval
+def test_llama4_entries_pin_what_their_tasks_define(tmp_path: Path) -> None:
+    """The Llama 4 entries name lm-eval's llama variants with the card's 0 shots and pin the
+    tasks' own generation settings, so a new lm-eval cannot change them unseen; the
+    overrides render on the shipped fixtures."""
+    from lm_eval.tasks import TaskManager
+
+    from vllm_conformance.matrix import load
+
+    pinned = {
+        (e.id, x.task): x
+        for e in load([]).known.values()
+        for x in e.expect.accuracy
+        if x.task.endswith(("_llama", "_llama_90"))
+    }
+    assert {task for _, task in pinned} == {"mmlu_pro_llama", "chartqa_llama_90"}
+    data = {t: acc.resolve_data(t, "fixture") for t in ("mmlu_pro_llama", "chartqa_llama_90")}
+    acc.write_task_overrides(tmp_path, data, num_fewshot=dict.fromkeys(data, 0))
+    tasks = TaskManager(include_path=str(tmp_path)).load(list(data))["tasks"]
+    for (_, name), exp in pinned.items():
+        leaves = [t for n, t in tasks.items() if n == name or n.startswith(f"{name}_")]
+        assert leaves and exp.num_fewshot == 0 and exp.apply_chat_template
+        assert exp.limit in (100, 250) and exp.api == "chat-completions"
+        for leaf in leaves:
+            assert dict(leaf.config.generation_kwargs) == exp.gen_kwargs, name
+
+
+def test_lm_eval_warnings_are_collected() -> None:
+    import logging
+
+    log = logging.getLogger("lm_eval.models.api_models")
+    with acc._lm_eval_warnings() as warned:
+        log.warning("Some contexts exceeded (max length: (2047)). They were left truncated.")
+        log.warning("API returned null content. Content filled with placeholder")
+        log.warning("an unrelated warning")
+    assert set(warned) == {"truncated", "null_answer"}
+    log.warning("after the block: not collected")
+    assert sum(map(len, warned.values())) == 2

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 from test_report import child_env, killed_run
 
-from vllm_conformance import report
+from vllm_conformance import report, verdicts
 from vllm_conformance.report import compare
+from vllm_conformance.report.compare.model import CONTRACT_FIELDS, MESSAGE_FIELDS, get, keyed
 
 REPO = Path(__file__).resolve().parents[1]
 #: Not 0.28.0, whose CPU fused-MoE kernel segfaults on the first request of the tiny Llama 4
@@ -123,13 +124,13 @@ def test_both_runs_ran_the_same_tests(upgrade: Upgrade) -> None:
 
 
 def _contract(check: dict[str, Any]) -> dict[str, Any]:
-    return {f: compare._get(check, f) for f in compare.CONTRACT_FIELDS}
+    return {f: get(check, f) for f in CONTRACT_FIELDS}
 
 
 def test_every_behaviour_difference_is_in_the_diff(upgrade: Upgrade) -> None:
     """Each check whose verdict, status or error contract differs is listed, and how."""
-    old = compare._keyed(upgrade.report("old")["entries"]["cpu"]["checks"], "check")
-    new = compare._keyed(upgrade.report("new")["entries"]["cpu"]["checks"], "check")
+    old = keyed(upgrade.report("old")["entries"]["cpu"]["checks"], "check")
+    new = keyed(upgrade.report("new")["entries"]["cpu"]["checks"], "check")
     diff = upgrade.diff
     md = upgrade.diff_base.read_text()
     differing = 0
@@ -159,16 +160,14 @@ def test_every_behaviour_difference_is_in_the_diff(upgrade: Upgrade) -> None:
             if field != "status" and None not in (va, vb):
                 assert f["kind"] == "regression", "a changed error contract is a regression"
             assert name in md
-        for field in compare.MESSAGE_FIELDS:
-            va, vb = compare._get(a, field), compare._get(b, field)
+        for field in MESSAGE_FIELDS:
+            va, vb = get(a, field), get(b, field)
             if va is not None and vb is not None and va != vb:
                 (f,) = _findings(diff, entry="cpu", subject=name, field=field)
                 assert f["kind"] == "change", "a reworded message is not a regression"
     # Nothing is listed that is not a real difference.
     for f in _findings(diff, area="error"):
-        assert compare._get(old[f["subject"]], f["field"]) != compare._get(
-            new[f["subject"]], f["field"]
-        )
+        assert get(old[f["subject"]], f["field"]) != get(new[f["subject"]], f["field"])
     print(f"{differing} contract/verdict differences between {OLD_VERSION} and {NEW_VERSION}")
 
 
@@ -321,8 +320,11 @@ def test_paired_documents_make_a_small_drop_visible(tmp_path: Path) -> None:
     b = _write_run(tmp_path / "b", "2", [checks[1]])
     (row,) = compare.compare_paths(a, b).accuracy
     assert row["method"].startswith("paired") and row["verdict"] == "regression"
-    independent = compare._z_test(row["old"], row["old_stderr"], row["new"], row["new_stderr"])
-    assert independent[1] > 0.05 > row["p_value"]
+    independent = verdicts.independent_difference(
+        verdicts.Score(row["new"], row["new_stderr"], 400),
+        verdicts.Score(row["old"], row["old_stderr"], 400),
+    )
+    assert independent.p_value > 0.05 > row["p_value"]
 
 
 def test_performance_samples_go_through_perf_stats(tmp_path: Path) -> None:

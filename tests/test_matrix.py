@@ -199,6 +199,36 @@ def test_kv_cache_ratio_names_an_existing_entry(tmp_path: Path) -> None:
         load_matrix([tmp_path])
 
 
+def _with_threshold(metric: str, num_prompts: int) -> dict[str, Any]:
+    perf = {
+        "source": "test",
+        "workload": {"input_len": 16, "output_len": 8, "num_prompts": num_prompts},
+        "thresholds": [{"metric": metric, "max": 100, "source": "test"}],
+    }
+    return mutated(lambda e: e["expect"].update(performance=perf))
+
+
+def test_a_threshold_on_no_such_metric_fails_at_load(tmp_path: Path) -> None:
+    """A misspelt metric is one clear error at collection, not a failure after the run."""
+    assert load_matrix([write(tmp_path, _with_threshold("p95_ttft_ms", 200))])
+    path = write(tmp_path, _with_threshold("p99_time_to_first_token_ms", 1000))
+    with pytest.raises(MatrixError) as info:
+        load_matrix([tmp_path])
+    message = str(info.value)
+    assert message.startswith(
+        f"{path}: entry 'second': field 'expect.performance.thresholds.0.metric': "
+        "no metric 'p99_time_to_first_token_ms'"
+    )
+    assert "output_throughput" in message
+
+
+def test_a_percentile_gate_needs_enough_requests(tmp_path: Path) -> None:
+    assert load_matrix([write(tmp_path, _with_threshold("p99_e2el_ms", 662))])
+    write(tmp_path, _with_threshold("p99_e2el_ms", 640))
+    with pytest.raises(MatrixError, match=r"p99_e2el_ms needs at least 662 requests.* sends 640"):
+        load_matrix([tmp_path])
+
+
 @pytest.mark.parametrize(
     "text", ["deployments: [", "- just a list", "deployments: []", ""], ids=repr
 )
@@ -295,3 +325,21 @@ def test_known_issues_become_strict_xfails(deployments: list[Deployment]) -> Non
     names = [line.split("::", 1)[1] for line in out.stdout.splitlines() if "::" in line]
     marked = [n for n in names if any(i.matches(n) for i in cpu.expect.known_issues)]
     assert 0 < len(marked) < len(names)
+
+
+def test_known_issue_signatures_match_only_their_finding() -> None:
+    from vllm_conformance.matrix import KnownIssue
+
+    issue = KnownIssue(test="test_bad_input[*]", status=500, error_type="InternalServerError",
+                       message=r"^\s*$|NoneType", reason="r", source="s")  # fmt: skip
+    assert issue.has_signature
+    assert issue.matches_finding(500, "InternalServerError", "'NoneType' object")
+    assert not issue.matches_finding(500, "InternalServerError", "a new server error")
+    assert not issue.matches_finding(400, "InternalServerError", "NoneType")
+    assert not KnownIssue(test="t", reason="r", source="s").matches_finding(500, None, "")
+    with pytest.raises(ValueError, match="not a regular expression"):
+        KnownIssue(test="t", message="(", reason="r", source="s")
+    with pytest.raises(ValueError, match="matched by the signature"):
+        KnownIssue(test="t", replay=[{"api": "chat", "raw": "null"}], reason="r", source="s")
+    with pytest.raises(ValueError, match="exactly one of"):
+        KnownIssue(test="t", status=500, replay=[{"api": "chat"}], reason="r", source="s")

@@ -22,6 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vllm_conformance.perf.baseline import (
+    Baseline,
+    baseline_from_run,
+    load_baseline,
+    save_baseline,
+    workload_mismatch,
+)
 from vllm_conformance.perf.loadgen import (
     LoadConfig,
     RequestResult,
@@ -38,15 +45,11 @@ from vllm_conformance.perf.server_metrics import (
     server_latencies,
 )
 from vllm_conformance.perf.stats import (
-    Baseline,
-    baseline_from_run,
     bootstrap_ratio_ci,
     compare_failure_rate,
     compare_samples,
     compare_to_baseline,
-    load_baseline,
     regressions,
-    save_baseline,
 )
 from vllm_conformance.perf.workload import (
     SEED_WORKLOAD,
@@ -54,6 +57,8 @@ from vllm_conformance.perf.workload import (
     WorkloadSpec,
     build_requests,
     load_tokenizer,
+    min_requests,
+    percentile_of,
     random_requests,
 )
 
@@ -153,7 +158,6 @@ def test_failure_rate() -> None:
     assert compare_failure_rate(0, 100, 10, 100).regression
     assert not compare_failure_rate(0, 100, 1, 100).regression  # one failure is not evidence
     assert not compare_failure_rate(10, 100, 0, 100).regression
-    assert not compare_failure_rate(0, 100, 10, 100, min_effect=0.2).regression
     assert compare_failure_rate(0, 0, 1, 1).verdict == "insufficient data"
 
 
@@ -259,6 +263,44 @@ def test_baseline_round_trip_and_comparison(tmp_path: Path) -> None:
     assert "points" in slower[-1].describe()
     assert "regression" in slower[0].describe()
     assert Baseline.from_dict(base.to_dict()) == base
+
+
+def test_a_baseline_of_another_workload_is_refused(tmp_path: Path) -> None:
+    spec = WorkloadSpec(name="w", input_len=128, output_len=16, num_prompts=60, max_concurrency=4)
+    run = fake_run(3)
+    saved = load_baseline(
+        save_baseline(tmp_path / "b.json", run, meta={"workload": spec.to_dict()})
+    )
+    assert workload_mismatch(saved, spec) is None
+    assert workload_mismatch(saved, spec.replace(num_prompts=600)) is None  # more of the same
+    longer = workload_mismatch(saved, spec.replace(output_len=1024))
+    assert longer is not None and "output_len 16 vs 1024" in longer
+    # a baseline that records no workload cannot be shown to be like-for-like
+    assert "records no workload" in str(workload_mismatch(Baseline(samples={}), spec))
+
+
+def test_old_baselines_are_read_from_their_aggregate() -> None:
+    """The committed H200 baseline predates meta.workload: its tokens per request and load
+    config say which workload it was (the entry's)."""
+    from vllm_conformance.matrix import load
+    from vllm_conformance.perf import baseline
+
+    entry = load([]).known["h200-tiny-bf16"]
+    assert entry.expect.performance is not None and entry.expect.performance.baseline
+    saved = load_baseline(entry.expect.performance.baseline)
+    assert "workload" not in saved.meta
+    spec = WorkloadSpec.from_matrix(entry.expect.performance.workload, name=entry.id)
+    assert baseline.workload_mismatch(saved, spec) is None
+    assert "input_len 1024 vs 2048" in str(
+        baseline.workload_mismatch(saved, spec.replace(input_len=2048))
+    )
+
+
+def test_percentile_gates_need_mlperf_sample_sizes() -> None:
+    # MLPerf LoadGen: "Processed at least 64 queries" (p90), "at least 662 queries" (p99)
+    assert (min_requests(90), min_requests(99), min_requests(50)) == (64, 662, 11)
+    assert percentile_of("p99_e2el_ms") == 99 and percentile_of("median_ttft_ms") == 50
+    assert percentile_of("mean_ttft_ms") is None and percentile_of("output_throughput") is None
 
 
 # --- load model and server metrics ------------------------------------------------------

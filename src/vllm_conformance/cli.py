@@ -27,6 +27,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from vllm_conformance import verdicts
+
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
 
@@ -239,14 +241,15 @@ def add_compare(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument(
         "--alpha",
         type=float,
-        default=0.05,
-        help="significance level of the accuracy and performance tests (0.05)",
+        default=verdicts.ALPHA,
+        help=f"one-sided significance level of the accuracy and performance tests "
+        f"({verdicts.ALPHA}, the suites' own)",
     )
     p.add_argument(
         "--min-effect",
         type=float,
-        default=0.05,
-        help="smallest relative performance change called a regression (0.05)",
+        default=verdicts.MIN_EFFECT,
+        help=f"smallest relative performance change called a regression ({verdicts.MIN_EFFECT})",
     )
     p.add_argument(
         "--capacity-rtol",

@@ -1,6 +1,6 @@
-"""Accuracy through lm-evaluation-harness: run a task against a server, judge the score.
+"""Accuracy through lm-evaluation-harness: run a task against a server or the reference.
 
-Three parts, usable without pytest:
+Two parts, usable without pytest (the verdicts on the scores are :mod:`vllm_conformance.verdicts`):
 
 * **data**: lm-eval's built-in tasks download their data sets; here a task reads local files
   instead. :func:`write_task_overrides` renders, per built-in task (every member of a group),
@@ -8,42 +8,60 @@ Three parts, usable without pytest:
   ``dataset_kwargs.data_files``, so prompts, filters, metrics and task versions stay lm-eval's.
   The data is a local directory: the real data set (``{split}.jsonl``, ``{split}.parquet``,
   or a Hugging Face snapshot such as ``main/test-00000-of-00001.parquet``), given as a path,
-  as ``$ENV_VAR``, through ``VLLM_CONFORMANCE_<TASK>``, or ``"fixture"`` for the small
-  self-made sets shipped in ``vllm_conformance/data/accuracy``.
+  as ``$ENV_VAR``, through ``VLLM_CONFORMANCE_<DATA SET>``, or ``"fixture"`` for the small
+  self-made sets shipped in ``vllm_conformance/data/accuracy``. Task variants read their data
+  set's files: ``mmlu_pro_llama`` the MMLU-Pro data (``$VLLM_CONFORMANCE_MMLU_PRO``),
+  ``chartqa_llama_90`` the ChartQA data.
 * **runs**: :func:`run_lm_eval` (a served model, through ``local-completions`` or
   ``local-chat-completions``) and :func:`reference_score` (the same documents through
-  transformers, lm-eval's ``hf`` backend, greedy), both returning an :class:`AccuracyResult`.
-* **verdicts**: :func:`check_reported` (a score against a published value),
-  :func:`compare_scores` (served against reference, both with standard errors) and
-  :func:`compare_paired` (the same, using that both ran on the same documents).
+  transformers, lm-eval's ``hf`` backend, greedy), both returning an :class:`AccuracyResult`
+  that says what lm-eval warned about (a prompt truncated, an answer missing): a run with
+  such a warning did not measure the task as defined.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import string
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from vllm_conformance import verdicts
 
 Api = Literal["completions", "chat-completions"]
 
 #: the self-made fixture sets, one directory per task, and the override template
 DATA_ROOT = Path(__file__).parent.parent / "data" / "accuracy"
 OVERRIDE_TEMPLATE = DATA_ROOT / "tasks" / "override.yaml.in"
-#: ``VLLM_CONFORMANCE_<TASK>`` names a task's data directory when nothing else does
+#: ``VLLM_CONFORMANCE_<DATA SET>`` names a task's data directory when nothing else does
 ENV_PREFIX = "VLLM_CONFORMANCE_"
 FIXTURE = "fixture"
-#: two-sided 99 %
-DEFAULT_Z = 2.576
+#: The data set (fixture directory, environment variable) of lm-eval's ``dataset_path``s,
+#: so that a task variant (``mmlu_pro_llama``, ``chartqa_llama_90``) reads the same files.
+DATASETS: dict[str, str] = {
+    "gsm8k": "gsm8k",
+    "openai/gsm8k": "gsm8k",
+    "TIGER-Lab/MMLU-Pro": "mmlu_pro",
+    "HuggingFaceM4/ChartQA": "chartqa",
+}
+#: Concurrent requests lm-eval sends, sized for a GPU server (vLLM batches them).
+DEFAULT_CONCURRENCY = 128
+#: lm-eval warnings that mean the run did not measure the task as defined, by kind.
+WARNINGS: dict[str, re.Pattern[str]] = {
+    "truncated": re.compile(r"truncat", re.I),
+    "null_answer": re.compile(r"returned null content", re.I),
+}
 
 
 class AccuracyDataError(FileNotFoundError):
@@ -76,22 +94,14 @@ class AccuracyTask:
     api: Api = "completions"
     num_fewshot: int | None = None
     apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
     limit: int | None = None
-    concurrency: int = 8
+    concurrency: int = DEFAULT_CONCURRENCY
     #: a path, ``"$ENV_VAR"`` or ``"fixture"`` (see :func:`resolve_data`)
     data: str | None = None
     gen_kwargs: Mapping[str, Any] = field(default_factory=dict)
     system_instruction: str | None = None
     seed: int = 1234
-
-
-@dataclass(frozen=True)
-class Score:
-    """A proportion with its standard error and sample size."""
-
-    value: float
-    stderr: float
-    n: int
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,11 @@ class AccuracyResult:
     #: the run's other ``metric,filter`` keys: ``{key: {value, stderr, n, stderr_source,
     #: per_doc}}`` (gsm8k's strict-match and flexible-extract come from one run)
     others: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: what lm-eval ran with, from its own result (``generation_kwargs``, ``num_fewshot``,
+    #: ``limit``, ``apply_chat_template``, ``fewshot_as_multiturn``, ``system_instruction``)
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: lm-eval warnings of the kinds in :data:`WARNINGS`: ``{kind: [message, ...]}``
+    warnings: dict[str, list[str]] = field(default_factory=dict)
 
     def select(self, metric_key: str) -> AccuracyResult:
         """The same run, scored by another ``metric,filter`` key."""
@@ -140,9 +155,9 @@ class AccuracyResult:
         return replace(self, metric=metric, filter=filt, others=others, **self.others[key])
 
     @property
-    def score(self) -> Score:
+    def score(self) -> verdicts.Score:
         """The value, standard error and n, for the verdict functions."""
-        return Score(self.value, self.stderr, self.n)
+        return verdicts.Score(self.value, self.stderr, self.n)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the form the reference cache stores)."""
@@ -154,158 +169,6 @@ class AccuracyResult:
         return cls(**dict(data))
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """The outcome of one accuracy check, with every number that decided it."""
-
-    passed: bool
-    value: float
-    stderr: float
-    expected: float
-    expected_stderr: float | None
-    #: the largest difference allowed
-    tolerance: float
-    #: ``tolerance - |difference|`` (for one-sided checks: ``tolerance - shortfall``);
-    #: negative when the check fails
-    margin: float
-    z: float
-    rtol: float | None
-    rule: str
-
-
-# --- statistics -------------------------------------------------------------------------
-
-
-def binomial_stderr(p: float, n: int) -> float:
-    """lm-eval's standard error of a mean of 0/1 scores: ``sqrt(p (1 - p) / (n - 1))``."""
-    if n < 2:
-        raise ValueError(f"a standard error needs at least 2 samples, got n={n}")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be a proportion, got {p}")
-    return math.sqrt(p * (1.0 - p) / (n - 1))
-
-
-def wilson_interval(p: float, n: int, z: float = DEFAULT_Z) -> tuple[float, float]:
-    """Wilson score interval of a proportion (sound near 0 and 1, unlike ``p ± z·se``)."""
-    if n < 1:
-        raise ValueError(f"n must be positive, got {n}")
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def check_reported(
-    measured: Score | float,
-    stderr: float | None,
-    reported: float,
-    *,
-    z: float = DEFAULT_Z,
-    rtol: float | None = None,
-    reported_stderr: float | None = None,
-    one_sided: bool = False,
-) -> Verdict:
-    """Is a measured score consistent with a reported (published) one?
-
-    Passes when ``|measured - reported| <= z * se``, where ``se`` is the measured standard
-    error, combined in quadrature with ``reported_stderr`` when the report gives one. With
-    ``rtol``, the allowance is the larger of that and ``rtol * reported`` (vLLM CI's rule
-    ``measured >= reported * (1 - rtol)``): a relative tolerance covers differences of setup
-    that no sample size removes, while the statistical one keeps small samples from failing
-    on noise. ``one_sided`` only fails a shortfall (doing better than reported passes).
-    """
-    value, se = _value_and_stderr(measured, stderr)
-    combined = math.sqrt(se**2 + (reported_stderr or 0.0) ** 2)
-    tolerance = z * combined
-    rule = f"|measured - reported| <= {z:g} * {combined:.4f}"
-    if rtol is not None:
-        tolerance = max(tolerance, rtol * reported)
-        rule = f"|measured - reported| <= max({z:g} * {combined:.4f}, {rtol:g} * {reported:g})"
-    diff = reported - value if one_sided else abs(value - reported)
-    if one_sided:
-        rule = rule.replace("|measured - reported|", "reported - measured")
-    margin = tolerance - max(diff, 0.0) if one_sided else tolerance - diff
-    return Verdict(
-        passed=margin >= 0,
-        value=value,
-        stderr=se,
-        expected=reported,
-        expected_stderr=reported_stderr,
-        tolerance=tolerance,
-        margin=margin,
-        z=z,
-        rtol=rtol,
-        rule=rule,
-    )
-
-
-def compare_scores(
-    served: Score | AccuracyResult,
-    reference: Score | AccuracyResult,
-    *,
-    z: float = DEFAULT_Z,
-    rtol: float | None = None,
-) -> Verdict:
-    """Do two independent measurements agree? ``|a - b| <= z * sqrt(se_a² + se_b²)``.
-
-    The rule treats the runs as independent samples, which is conservative for two runs on
-    the same documents (their scores are positively correlated); :func:`compare_paired`
-    uses the pairing and is much tighter.
-    """
-    a = served.score if isinstance(served, AccuracyResult) else served
-    b = reference.score if isinstance(reference, AccuracyResult) else reference
-    return check_reported(a, a.stderr, b.value, z=z, rtol=rtol, reported_stderr=b.stderr)
-
-
-def compare_paired(
-    served: Mapping[str, float] | AccuracyResult,
-    reference: Mapping[str, float] | AccuracyResult,
-    *,
-    z: float = DEFAULT_Z,
-) -> Verdict:
-    """Served against reference on the same documents, document by document.
-
-    The mean of the per-document differences must be within ``z`` of its standard error
-    (a paired z-test; with 0/1 scores, McNemar's test in its normal form). Documents only
-    one side scored are an error: the runs did not see the same data.
-    """
-    a = served.per_doc if isinstance(served, AccuracyResult) else served
-    b = reference.per_doc if isinstance(reference, AccuracyResult) else reference
-    if set(a) != set(b):
-        only = sorted(set(a) ^ set(b))[:5]
-        raise ValueError(f"the runs scored different documents (e.g. {only})")
-    n = len(a)
-    if n < 2:
-        raise ValueError(f"a paired comparison needs at least 2 documents, got {n}")
-    diffs = [a[k] - b[k] for k in sorted(a)]
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    se = math.sqrt(var / n)
-    tolerance = z * se
-    value = sum(a.values()) / n
-    expected = sum(b.values()) / n
-    return Verdict(
-        passed=abs(mean) <= tolerance,
-        value=value,
-        stderr=se,
-        expected=expected,
-        expected_stderr=None,
-        tolerance=tolerance,
-        margin=tolerance - abs(mean),
-        z=z,
-        rtol=None,
-        rule=f"|mean(served_i - reference_i)| <= {z:g} * {se:.4f} over {n} documents "
-        f"({sum(1 for d in diffs if d)} differ)",
-    )
-
-
-def _value_and_stderr(measured: Score | float, stderr: float | None) -> tuple[float, float]:
-    if isinstance(measured, Score):
-        return measured.value, measured.stderr if stderr is None else stderr
-    if stderr is None:
-        raise ValueError("a bare measured value needs its stderr")
-    return float(measured), float(stderr)
-
-
 def split_metric(key: str) -> tuple[str, str]:
     """``"exact_match,strict-match"`` -> ``("exact_match", "strict-match")``."""
     metric, _, filt = key.partition(",")
@@ -315,16 +178,31 @@ def split_metric(key: str) -> tuple[str, str]:
 # --- data -------------------------------------------------------------------------------
 
 
+def dataset_of(task: str) -> str:
+    """The data set ``task`` reads, as the fixture directory and the environment variable
+    name it: ``mmlu_pro`` for ``mmlu_pro`` and ``mmlu_pro_llama`` (the task itself when its
+    data set is not one of :data:`DATASETS`)."""
+    if (DATA_ROOT / task).is_dir():
+        return task
+    try:
+        leaves = _leaf_tasks(task)
+    except KeyError:
+        return task
+    names = {DATASETS.get(_full_config(path).get("dataset_path", "")) for _, path, _ in leaves}
+    name = names.pop() if len(names) == 1 else None
+    return name or task
+
+
 def env_var(task: str) -> str:
     """The environment variable that names ``task``'s data: ``VLLM_CONFORMANCE_MMLU_PRO``."""
-    return ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", task).upper()
+    return ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", dataset_of(task)).upper()
 
 
 def resolve_data(task: str, data: str | Path | None) -> Path:
     """The data directory of ``task``.
 
     ``data`` is a path, ``"$NAME"`` (an environment variable holding the path), ``"fixture"``
-    (the bundled self-made set) or ``None`` (then ``VLLM_CONFORMANCE_<TASK>``). Anything
+    (the bundled self-made set of its data set) or ``None`` (then :func:`env_var`). Anything
     missing raises :class:`AccuracyDataError` naming the task and the path.
     """
     where = "argument"
@@ -346,7 +224,7 @@ def resolve_data(task: str, data: str | Path | None) -> Path:
             )
         data, where = value, data
     if isinstance(data, str) and data == FIXTURE:
-        path = DATA_ROOT / task
+        path = DATA_ROOT / dataset_of(task)
         if not path.is_dir():
             raise AccuracyDataError(
                 f"accuracy task {task!r}: no self-made fixture for this task (looked in {path})"
@@ -616,6 +494,8 @@ def _task_fields(task: TaskParams) -> dict[str, Any]:
     out["gen_kwargs"] = dict(getattr(task, "gen_kwargs", None) or {})
     out["system_instruction"] = getattr(task, "system_instruction", None)
     out["seed"] = getattr(task, "seed", 1234)
+    if getattr(task, "fewshot_as_multiturn", False):  # absent otherwise: older keys still hit
+        out["fewshot_as_multiturn"] = True
     return out
 
 
@@ -647,25 +527,26 @@ def _evaluate(
         )
         manager = TaskManager(include_path=tmp)
         start = time.monotonic()
-        out = lm_eval.simple_evaluate(
-            model=model,
-            model_args=model_args,
-            tasks=[task.task],
-            num_fewshot=task.num_fewshot,
-            limit=task.limit,
-            apply_chat_template=apply_chat_template,
-            fewshot_as_multiturn=False,
-            system_instruction=getattr(task, "system_instruction", None),
-            gen_kwargs=kwargs or None,
-            task_manager=manager,
-            batch_size=1,
-            bootstrap_iters=bootstrap_iters,
-            log_samples=True,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with _lm_eval_warnings() as warned:
+            out = lm_eval.simple_evaluate(
+                model=model,
+                model_args=model_args,
+                tasks=[task.task],
+                num_fewshot=task.num_fewshot,
+                limit=task.limit,
+                apply_chat_template=apply_chat_template,
+                fewshot_as_multiturn=getattr(task, "fewshot_as_multiturn", False),
+                system_instruction=getattr(task, "system_instruction", None),
+                gen_kwargs=kwargs or None,
+                task_manager=manager,
+                batch_size=1,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=True,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
         elapsed = time.monotonic() - start
     if out is None:  # only on non-zero ranks of a distributed run
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
@@ -680,7 +561,33 @@ def _evaluate(
         data=files,
         elapsed_s=elapsed,
         lm_eval_version=getattr(lm_eval, "__version__", None) or _lm_eval_version(),
+        warnings=warned,
     )
+
+
+@contextlib.contextmanager
+def _lm_eval_warnings() -> Iterator[dict[str, list[str]]]:
+    """Collect lm-eval's log warnings of the kinds in :data:`WARNINGS` while the block runs."""
+    found: dict[str, list[str]] = {}
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            for kind, pattern in WARNINGS.items():
+                if pattern.search(message):
+                    found.setdefault(kind, []).append(message[:500])
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.WARNING:  # e.g. LMEVAL_LOG_LEVEL=ERROR
+        logger.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def parse_results(
@@ -695,6 +602,7 @@ def parse_results(
     data: Mapping[str, Mapping[str, list[str]]] | None = None,
     elapsed_s: float = 0.0,
     lm_eval_version: str = "",
+    warnings: Mapping[str, list[str]] | None = None,
 ) -> AccuracyResult:
     """Read one task's (or group's) score out of ``simple_evaluate``'s return value.
 
@@ -737,7 +645,23 @@ def parse_results(
         stderr_source=chosen["stderr_source"],
         elapsed_s=round(elapsed_s, 1),
         others={k: v for k, v in scores.items() if k != key},
+        settings=_settings(out, leaves),
+        warnings={k: list(v) for k, v in (warnings or {}).items()},
     )
+
+
+def _settings(out: Mapping[str, Any], leaves: list[str]) -> dict[str, Any]:
+    """What lm-eval ran the leaves with, from its result (the distinct values over leaves):
+    the generation settings after ``gen_kwargs`` were applied, shots, limit."""
+    configs = out.get("configs", {})
+    per_leaf = [configs[leaf] for leaf in leaves if leaf in configs]
+    generation = {json.dumps(c.get("generation_kwargs"), sort_keys=True) for c in per_leaf}
+    shots = {json.dumps(c.get("num_fewshot")) for c in per_leaf}
+    return {
+        "generation_kwargs": [json.loads(g) for g in sorted(generation)],
+        "num_fewshot": [json.loads(x) for x in sorted(shots)],
+        "limit": out.get("config", {}).get("limit"),
+    }
 
 
 def _metric_score(
@@ -761,7 +685,7 @@ def _metric_score(
         stderr, source = float(raw_se), "lm-eval"
     else:
         p = sum(per_doc.values()) / len(per_doc) if per_doc else value
-        stderr, source = binomial_stderr(p, n), "computed"
+        stderr, source = verdicts.binomial_stderr(p, n), "computed"
     return {"value": value, "stderr": stderr, "n": n, "stderr_source": source, "per_doc": per_doc}
 
 

@@ -9,7 +9,9 @@ drawn both ways. Some draws are valid requests (an empty stop list, a whitespace
 the property the suites check is the same for all:
 
     the answer is a 4xx with an OpenAI-style error body, or a 200 with a well-formed
-    answer (a stream without an error event); never a 5xx, never a hang.
+    answer (a stream without an error event); never a 5xx, never a hang; and a request
+    that the OpenAI API itself rejects (``FuzzCase.invalid``: ``temperature: -1``,
+    ``top_p: 2``, ``n: 0``, ...) gets a 4xx, not a 200.
 
 Every valid request a strategy can draw is cheap (at most a few output tokens, a handful of
 sequences), so a 200 answer comes quickly and a hang is a finding, not a slow example. Large
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -76,6 +79,9 @@ class FuzzCase:
     pad: Mapping[str, Any] | None = None
     content_type: str | None = "application/json"
     note: str = ""
+    #: the OpenAI API rejects this request (a value outside a documented range): a 200 is
+    #: a finding, not a valid answer
+    invalid: bool = False
 
     @property
     def path(self) -> str:
@@ -120,6 +126,7 @@ class FuzzCase:
             "content_type": self.content_type,
             "bytes": len(data),
             "note": self.note,
+            "invalid": self.invalid,
         }
         if self.raw is not None:
             rec["raw_b64"] = base64.b64encode(self.raw).decode()
@@ -144,6 +151,7 @@ class FuzzCase:
             pad=rec.get("pad"),
             content_type=rec.get("content_type"),
             note=rec.get("note", ""),
+            invalid=bool(rec.get("invalid", False)),
         )
 
 
@@ -439,8 +447,55 @@ def missing_field(api: Api, target: Target, stream: bool = False) -> st.SearchSt
     return st.one_of(dropped, only, st.just(_case(api, "missing_field", body={}, note="{}")))
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _outside(low: float, high: float) -> Callable[[Any], bool]:
+    return lambda x: not _finite(x) or not low <= x <= high
+
+
+#: Values the OpenAI API rejects, by parameter (its documented ranges; where vLLM documents
+#: a wider one, only what both reject). Parameters of vLLM's own (top_k, min_p, ...) are
+#: fuzzed but not judged by these.
+OPENAI_INVALID: dict[str, Callable[[Any], bool]] = {
+    "max_tokens": lambda x: x < 1,
+    "max_completion_tokens": lambda x: x < 1,
+    "n": lambda x: x < 1,
+    "best_of": lambda x: x < 1,
+    "temperature": _outside(0, 2),
+    "top_p": _outside(0, 1),
+    "presence_penalty": _outside(-2, 2),
+    "frequency_penalty": _outside(-2, 2),
+    "top_logprobs": _outside(0, 20),
+    "logprobs": _outside(0, 20),
+    "logit_bias": lambda bias: any(
+        not k.isdigit() or not _finite(v) or not -100 <= v <= 100 for k, v in bias.items()
+    ),
+}
+
+
+def rejected_fields(body: Any) -> list[str]:
+    """The fields of a JSON body whose values the OpenAI API rejects (numbers out of range
+    and bad logit biases; values of another type are the wrong-type class's business)."""
+    if not isinstance(body, dict):
+        return []
+    out = []
+    for name, rejected in OPENAI_INVALID.items():
+        value = body.get(name)
+        typed = (
+            isinstance(value, dict)
+            if name == "logit_bias"
+            else _finite(value) or (isinstance(value, float))
+        )
+        if typed and not isinstance(value, bool) and rejected(value):
+            out.append(name)
+    return out
+
+
 def out_of_range(api: Api, target: Target, stream: bool = False) -> st.SearchStrategy[FuzzCase]:
-    """Numbers outside what the parameter allows (and a few valid edge values)."""
+    """Numbers outside what the parameter allows (and a few valid edge values); those the
+    OpenAI API rejects are marked ``invalid``."""
     mml = target.max_model_len
     ranges: dict[str, list[Any]] = {
         # Above max_model_len only: vLLM 0.32 accepts max_tokens <= max_model_len and clamps
@@ -476,7 +531,8 @@ def out_of_range(api: Api, target: Target, stream: bool = False) -> st.SearchStr
             new["logprobs"] = lp
         if name == "min_tokens":
             new["max_tokens"] = 1
-        return _case(api, "out_of_range", body=new, note=name)
+        invalid = name in rejected_fields(new)
+        return _case(api, "out_of_range", body=new, note=name, invalid=invalid)
 
     item = st.sampled_from(sorted(ranges)).flatmap(
         lambda name: st.tuples(st.just(name), st.sampled_from(ranges[name]))
@@ -714,7 +770,7 @@ class Verdict:
 
     ok: bool
     status: int | None
-    outcome: str  # "error", "ok", "5xx", "timeout", "malformed"
+    outcome: str  # "error", "ok", "5xx", "timeout", "malformed", "accepted"
     problem: str = ""
     error: dict[str, Any] | None = None
 
@@ -796,6 +852,23 @@ def check_stream(text: str) -> str:
     return ""
 
 
+def stream_error(text: str) -> dict[str, Any] | None:
+    """The first error event of a stream (``type``, ``param``, ``code``, ``message``)."""
+    for line in text.splitlines():
+        if not line.startswith("data:"):
+            continue
+        try:
+            chunk = json.loads(line[5:])
+        except ValueError:
+            continue
+        err = chunk.get("error") if isinstance(chunk, dict) else None
+        if isinstance(err, dict):
+            info = {k: err.get(k) for k in ("type", "param", "code")}
+            info["message"] = str(err.get("message"))[:500]
+            return info
+    return None
+
+
 def judge(
     case: FuzzCase, status: int | None, text: str | None, streamed: bool | None = None
 ) -> Verdict:
@@ -816,5 +889,13 @@ def judge(
         return Verdict(not problem, status, "error" if not problem else "malformed", problem, info)
     if status == 200:
         problem = check_stream(text) if streamed else check_ok_body(case.api, text)
-        return Verdict(not problem, status, "ok" if not problem else "malformed", problem)
+        if problem:
+            return Verdict(False, status, "malformed", problem, stream_error(text))
+        if case.invalid:
+            what = ", ".join(
+                f"{k}={json.dumps(_jsonable(case.body[k]))}" for k in rejected_fields(case.body)
+            )
+            return Verdict(False, status, "accepted", f"answered 200 to {what}, which the "
+                           "OpenAI API rejects")  # fmt: skip
+        return Verdict(True, status, "ok")
     return Verdict(False, status, "malformed", f"unexpected HTTP {status}: {text[:300]}")

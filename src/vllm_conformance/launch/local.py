@@ -136,6 +136,9 @@ class VllmServer:
                 if attempt < self.port_attempts and any(s in exc.log_tail for s in _PORT_IN_USE):
                     continue
                 raise
+            except BaseException:  # Ctrl-C or SIGTERM mid-start: no fixture will stop it
+                self.stop()
+                raise
         self.startup_seconds = time.monotonic() - began
         return self.endpoint
 

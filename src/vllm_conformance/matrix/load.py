@@ -179,14 +179,45 @@ def _validate(raws: list[_Raw]) -> list[tuple[Deployment, Path]]:
 
 
 def _cross_check(entries: Iterable[Deployment], files: Mapping[str, Path]) -> None:
-    """Checks that span entries: the ids another entry names exist."""
+    """Checks that need more than one entry's schema: the ids another entry names exist,
+    and each performance threshold names a metric the workload can measure."""
+    problems: list[str] = []
     for entry in entries:
+        where = f"{files[entry.id]}: entry '{entry.id}'"
         ctx = entry.expect.context
         if ctx and ctx.kv_cache_ratio and ctx.kv_cache_ratio.to not in files:
-            raise MatrixError(
-                f"{files[entry.id]}: entry '{entry.id}': field "
-                f"'expect.context.kv_cache_ratio.to': no entry '{ctx.kv_cache_ratio.to}'"
+            problems.append(
+                f"{where}: field 'expect.context.kv_cache_ratio.to': no entry "
+                f"'{ctx.kv_cache_ratio.to}'"
             )
+        problems += [f"{where}: {p}" for p in _threshold_problems(entry)]
+    if problems:
+        raise MatrixError("\n".join(problems))
+
+
+def _threshold_problems(entry: Deployment) -> list[str]:
+    from vllm_conformance.perf import metrics, workload
+
+    perf = entry.expect.performance
+    if perf is None:
+        return []
+    out = []
+    for i, t in enumerate(perf.thresholds):
+        field = f"field 'expect.performance.thresholds.{i}.metric'"
+        if not metrics.is_metric(t.metric):
+            out.append(
+                f"{field}: no metric {t.metric!r} (run metrics: {', '.join(metrics.AGGREGATES)};"
+                f" latencies: mean|median|std|pNN _ {'|'.join(metrics.LATENCY_METRICS)} _ms)"
+            )
+        elif (q := workload.percentile_of(t.metric)) is not None:
+            need = workload.min_requests(q)
+            if perf.workload.num_prompts < need:
+                out.append(
+                    f"{field}: {t.metric} needs at least {need} requests to be supported "
+                    f"(MLPerf's early-stopping rule), the workload sends "
+                    f"{perf.workload.num_prompts} (num_prompts)"
+                )
+    return out
 
 
 def load(paths: Sequence[Path], bundled: bool = True) -> Matrix:

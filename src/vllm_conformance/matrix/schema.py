@@ -192,21 +192,34 @@ class AccuracyExpect(_Strict):
     ``against: reported`` compares with a published ``value``; ``against: reference``
     compares with the score of the reference implementation (transformers, greedy) on the
     same documents, which is how a generated model is checked for numerics conformance.
+    Both ask "is the served model worse?" at the project's one significance level
+    (:mod:`vllm_conformance.verdicts`); ``rtol`` is the drop tolerated on top of the noise.
     """
 
     task: str
     metric: str = Field(description="lm-eval result key, e.g. 'exact_match,flexible-extract'")
     against: Literal["reported", "reference"] = "reported"
     value: float | None = Field(None, ge=0, le=1)
+    stderr: float | None = Field(
+        None, ge=0, description="standard error of the reported value, when its source gives one"
+    )
     source: str
     gen_kwargs: dict[str, Any] = Field(default_factory=dict)
     api: Literal["completions", "chat-completions"] = "completions"
     num_fewshot: int | None = Field(None, ge=0)
     apply_chat_template: bool = False
-    limit: PositiveInt | None = None
-    concurrency: PositiveInt = 8
-    z: float = Field(2.576, gt=0, description="standard errors allowed (2.576 ~ 99 %)")
-    rtol: float | None = Field(None, ge=0, lt=1, description="relative tolerance, vLLM CI style")
+    fewshot_as_multiturn: bool = False
+    system_instruction: str | None = None
+    limit: PositiveInt | None = Field(
+        None, description="documents per task (per subtask of a group), e.g. vLLM CI's sizes"
+    )
+    concurrency: PositiveInt = Field(128, description="concurrent requests lm-eval sends")
+    one_sided: bool = Field(
+        True, description="fail only a shortfall; false: a difference either way fails"
+    )
+    rtol: float = Field(
+        0.0, ge=0, lt=1, description="relative drop tolerated besides the noise (vLLM CI: 0.08)"
+    )
     data: str | None = Field(
         None, description="local data set path, $ENV_VAR holding one, or 'fixture'"
     )
@@ -215,6 +228,8 @@ class AccuracyExpect(_Strict):
     def _value_iff_reported(self) -> AccuracyExpect:
         if (self.against == "reported") != (self.value is not None):
             raise ValueError("'value' is given exactly when 'against' is 'reported'")
+        if self.against == "reference" and (self.stderr is not None or self.rtol):
+            raise ValueError("'stderr' and 'rtol' apply to 'against: reported' only")
         return self
 
 
@@ -267,22 +282,85 @@ class PerformanceExpect(_Strict):
     source: str
 
 
+class Replay(_Strict):
+    """A request that shows a known issue: a JSON ``body`` (``model`` and ``stream`` are set
+    by the test) or raw bytes (``raw`` text, or ``raw_b64`` for bytes that are not UTF-8)."""
+
+    api: Literal["completions", "chat"]
+    body: dict[str, Any] | None = None
+    raw: str | None = None
+    raw_b64: str | None = None
+    content_type: str | None = "application/json"
+
+    @model_validator(mode="after")
+    def _one_body(self) -> Replay:
+        if sum(x is not None for x in (self.body, self.raw, self.raw_b64)) != 1:
+            raise ValueError("give exactly one of 'body', 'raw' or 'raw_b64'")
+        return self
+
+
 class KnownIssue(_Strict):
     """A finding about the served vLLM that its tests keep asserting, as a strict xfail.
 
     The test still runs: while vLLM behaves as recorded it is reported as an expected
     failure; the day it is fixed the test passes unexpectedly and fails the run, so the
     entry is updated instead of a finding silently going stale.
+
+    With a signature (``status``, ``error_type``, ``message``: what the finding's answer
+    showed) only that finding is expected: a test that reports its findings (the fuzzer
+    does) fails on any other finding, and on a known one that no longer shows. Without
+    one, any failure of the named tests is expected.
     """
 
     test: str = Field(description="test name, '*' matching anything: 'test_bad_input[*-x]'")
+    status: int | None = Field(None, description="HTTP status of the finding's answer")
+    error_type: str | None = Field(None, description="the error object's 'type', exactly")
+    message: str | None = Field(
+        None, description="regular expression searched in the error message and the problem"
+    )
+    replay: list[Replay] = Field(
+        default_factory=list,
+        description="requests that show it: the fuzzer sends them first, so the issue is "
+        "exercised in every run (a signature without a replay may go undrawn)",
+    )
     reason: str
     source: str
+
+    @field_validator("message")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _replay_needs_signature(self) -> KnownIssue:
+        if self.replay and not self.has_signature:
+            raise ValueError("a 'replay' is matched by the signature: give status, error_type "
+                             "or message")  # fmt: skip
+        return self
+
+    @property
+    def has_signature(self) -> bool:
+        return (self.status, self.error_type, self.message) != (None, None, None)
 
     def matches(self, test_name: str) -> bool:
         """Whether ``test_name`` (with its parameters) is one this issue names."""
         pattern = ".*".join(re.escape(part) for part in self.test.split("*"))
         return re.fullmatch(pattern, test_name) is not None
+
+    def matches_finding(self, status: int | None, error_type: str | None, text: str) -> bool:
+        """Whether a finding (its answer's status, error type, and message plus problem
+        text) is this issue; only the fields the issue gives are compared."""
+        return (
+            self.has_signature
+            and (self.status is None or self.status == status)
+            and (self.error_type is None or self.error_type == error_type)
+            and (self.message is None or re.search(self.message, text) is not None)
+        )
 
 
 class Expect(_Strict):

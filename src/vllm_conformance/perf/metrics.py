@@ -18,6 +18,7 @@ Where vLLM reports 0 for a metric with no samples (all requests failed), this mo
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,23 @@ from vllm_conformance.perf.loadgen import RequestResult, RunResult
 
 #: Latency metric names, as in ``vllm bench serve --percentile-metrics``.
 LATENCY_METRICS: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el")
+#: The run-level names of :meth:`BenchMetrics.as_dict`; per-latency names match
+#: :data:`LATENCY_NAME` (any percentile: ``compute_metrics(percentiles=...)``).
+AGGREGATES: tuple[str, ...] = (
+    "completed", "failed", "failure_rate", "not_sent", "duration", "total_input_tokens",
+    "total_output_tokens", "request_throughput", "output_throughput", "total_token_throughput",
+    "request_goodput", "max_concurrency", "request_rate",
+)  # fmt: skip
+LATENCY_NAME = re.compile(
+    rf"^(?:mean|median|std|p\d+(?:\.\d+)?)_(?:{'|'.join(LATENCY_METRICS)})_ms$"
+)
+
+
+def is_metric(name: str) -> bool:
+    """Whether ``name`` is a metric a threshold can gate (a key of ``as_dict``)."""
+    return name in AGGREGATES or LATENCY_NAME.match(name) is not None
+
+
 #: Keys accepted in an SLO mapping for goodput.
 SLO_KEYS: tuple[str, ...] = ("ttft", "tpot", "e2el")
 
@@ -103,21 +121,8 @@ class BenchMetrics:
     def as_dict(self) -> dict[str, Any]:
         """A flat dict with ``vllm bench serve``'s result keys (plus ``failure_rate``,
         ``not_sent`` and ``errors``)."""
-        out: dict[str, Any] = {
-            "completed": self.completed,
-            "failed": self.failed,
-            "failure_rate": self.failure_rate,
-            "not_sent": self.not_sent,
-            "duration": self.duration,
-            "total_input_tokens": self.total_input_tokens,
-            "total_output_tokens": self.total_output_tokens,
-            "request_throughput": self.request_throughput,
-            "output_throughput": self.output_throughput,
-            "total_token_throughput": self.total_token_throughput,
-            "request_goodput": self.request_goodput,
-            "max_concurrency": self.max_concurrency,
-            "request_rate": "inf" if math.isinf(self.request_rate) else self.request_rate,
-        }
+        out: dict[str, Any] = {name: getattr(self, name) for name in AGGREGATES}
+        out["request_rate"] = "inf" if math.isinf(self.request_rate) else self.request_rate
         for name in LATENCY_METRICS:
             s: LatencyStats = getattr(self, name)
             out[f"mean_{name}_ms"] = s.mean

@@ -1,35 +1,32 @@
-"""Baselines and significance-tested comparisons of per-request samples.
+"""Significance-tested comparisons of per-request samples (the baseline file is
+:mod:`vllm_conformance.perf.baseline`).
 
-A regression is called only when all of these hold:
+The verdict follows the project's one rule (:mod:`vllm_conformance.verdicts`): a change is a
+regression when the one-sided ``1 - ALPHA`` confidence bound of the ratio current / baseline
+(of the median or mean; a seeded percentile bootstrap, each run resampled independently) is
+beyond ``1 + min_effect`` the bad way (higher latency, or lower for a higher-is-better
+metric); an improvement the same, the good way. A change that is significant but smaller
+than ``min_effect`` is no regression. The Mann-Whitney U p-value and the rank-biserial
+correlation are reported beside it.
 
-1. the change is statistically significant: the two-sided Mann-Whitney U p-value is below
-   ``alpha`` (default 0.01: a gate compares several metrics per run, and a false alarm costs
-   more than a late one) *and* the bootstrap confidence interval of the ratio (current /
-   baseline of the median or mean) excludes 1;
-2. it goes the bad way (higher latency, or lower for a higher-is-better metric);
-3. its size, ``|ratio - 1|``, is at least ``min_effect`` (default 5 %), so a tiny change that
-   is significant only because there are many samples is not a regression.
-
-The bootstrap resamples each run independently with a seeded ``numpy`` generator, so the same
-inputs always give the same interval. Caveat: requests of one run are not independent
-(they share batches), so p-values are somewhat optimistic; ``min_effect`` and comparing runs
-of the same length keep that from turning noise into verdicts.
+Caveat: requests of one run are not independent (they share batches), so intervals are
+somewhat optimistic; ``min_effect`` and comparing runs of the same length keep that from
+turning noise into verdicts.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
 from scipy import stats as sps
 
+from vllm_conformance import verdicts
+from vllm_conformance.perf.baseline import Baseline, baseline_from_run
 from vllm_conformance.perf.loadgen import RunResult
-from vllm_conformance.perf.metrics import compute_metrics, samples_ms
 
 Statistic = Literal["median", "mean"]
 Verdict = Literal["regression", "improvement", "no change", "insufficient data"]
@@ -37,79 +34,8 @@ Verdict = Literal["regression", "improvement", "no change", "insufficient data"]
 #: Per-request sample sets compared by default (ITL is pooled per token, so its samples are
 #: far from independent; compare it explicitly if wanted).
 DEFAULT_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2el")
-BASELINE_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """A saved run: per-request samples in ms, the aggregate and free-form metadata."""
-
-    samples: dict[str, list[float]]
-    summary: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-    completed: int = 0
-    failed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form (with a format version)."""
-        return {"format": BASELINE_FORMAT, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Baseline:
-        """Inverse of :meth:`to_dict`."""
-        if data.get("format", BASELINE_FORMAT) != BASELINE_FORMAT:
-            raise ValueError(f"unsupported baseline format {data.get('format')!r}")
-        return cls(
-            samples={k: [float(x) for x in v] for k, v in data["samples"].items()},
-            summary=dict(data.get("summary", {})),
-            meta=dict(data.get("meta", {})),
-            completed=int(data.get("completed", 0)),
-            failed=int(data.get("failed", 0)),
-        )
-
-
-def baseline_from_run(
-    run: RunResult,
-    *,
-    goodput: Mapping[str, float] | None = None,
-    meta: Mapping[str, Any] | None = None,
-) -> Baseline:
-    """The baseline of a run (its samples, :func:`compute_metrics` summary and config)."""
-    metrics = compute_metrics(run, goodput=goodput)
-    info: dict[str, Any] = {
-        "config": run.config.to_dict(),
-        "model": run.model,
-        "started_at": run.started_at,
-    }
-    info.update(meta or {})
-    return Baseline(
-        samples=samples_ms(run),
-        summary=metrics.to_json_dict(),
-        meta=info,
-        completed=metrics.completed,
-        failed=metrics.failed,
-    )
-
-
-def save_baseline(
-    path: str | Path, run: RunResult | Baseline, *, meta: Mapping[str, Any] | None = None
-) -> Path:
-    """Write a run (or a baseline) as a JSON baseline file; returns the path."""
-    baseline = run if isinstance(run, Baseline) else baseline_from_run(run, meta=meta)
-    if isinstance(run, Baseline) and meta:
-        baseline = Baseline(
-            baseline.samples, baseline.summary, {**baseline.meta, **meta},
-            baseline.completed, baseline.failed,
-        )  # fmt: skip
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(baseline.to_dict(), indent=1, allow_nan=False) + "\n")
-    return out
-
-
-def load_baseline(path: str | Path) -> Baseline:
-    """Read a baseline written by :func:`save_baseline`."""
-    return Baseline.from_dict(json.loads(Path(path).read_text()))
+#: Two-sided confidence of the ratio's interval: each bound is one-sided ``1 - ALPHA``.
+CONFIDENCE = 1.0 - 2.0 * verdicts.ALPHA
 
 
 @dataclass(frozen=True)
@@ -141,12 +67,10 @@ class Comparison:
 
     @property
     def significant(self) -> bool:
-        """p < alpha and the ratio's CI (when there is one) excludes 1, regardless of size
-        or direction."""
-        if math.isnan(self.p_value) or self.p_value >= self.alpha:
-            return False
+        """The ratio's interval excludes 1 (a rate, which has none: p < alpha), regardless
+        of size or direction."""
         if math.isnan(self.ci_low) or math.isnan(self.ci_high):
-            return True
+            return not math.isnan(self.p_value) and self.p_value < self.alpha
         return not (self.ci_low <= 1.0 <= self.ci_high)
 
     def describe(self) -> str:
@@ -187,7 +111,7 @@ def bootstrap_ratio_ci(
     *,
     statistic: Statistic = "median",
     n_boot: int = 2000,
-    confidence: float = 0.95,
+    confidence: float = CONFIDENCE,
     seed: int = 0,
     chunk: int = 250,
 ) -> tuple[float, float]:
@@ -219,9 +143,8 @@ def compare_samples(
     metric: str = "",
     statistic: Statistic = "median",
     higher_is_better: bool = False,
-    alpha: float = 0.01,
-    min_effect: float = 0.05,
-    confidence: float = 0.95,
+    alpha: float = verdicts.ALPHA,
+    min_effect: float = verdicts.MIN_EFFECT,
     n_boot: int = 2000,
     seed: int = 0,
     min_samples: int = 5,
@@ -231,6 +154,7 @@ def compare_samples(
 
     ``max_samples`` caps each side (a seeded subsample) to bound the bootstrap's cost.
     """
+    confidence = 1.0 - 2.0 * alpha
     rng = np.random.default_rng(seed)
     a = _subsample(np.asarray(baseline, dtype=float), max_samples, rng)
     b = _subsample(np.asarray(current, dtype=float), max_samples, rng)
@@ -262,11 +186,9 @@ def compare_samples(
     # Rank-biserial correlation: P(current > baseline) - P(current < baseline).
     rank_biserial = 2.0 * u / (a.size * b.size) - 1.0
     effect = ratio - 1.0
-    significant = p < alpha and not (lo <= 1.0 <= hi)
-    worse = effect < 0 if higher_is_better else effect > 0
-    verdict: Verdict = "no change"
-    if significant and abs(effect) >= min_effect:
-        verdict = "regression" if worse else "improvement"
+    verdict: Verdict = verdicts.judge(
+        lo - 1.0, hi - 1.0, baseline=1.0, min_effect=min_effect, higher_is_better=higher_is_better
+    )
     return Comparison(
         verdict=verdict, baseline=base_v, current=cur_v, ratio=ratio, ci_low=lo, ci_high=hi,
         p_value=p, effect_size=effect, rank_biserial=rank_biserial, **common,
@@ -279,15 +201,14 @@ def compare_failure_rate(
     current_failed: int,
     current_total: int,
     *,
-    alpha: float = 0.01,
-    min_effect: float = 0.0,
+    alpha: float = verdicts.ALPHA,
 ) -> Comparison:
-    """Did the failure rate go up? One-sided Fisher exact test; ``min_effect`` is the
-    smallest increase in failure *rate* (absolute, e.g. 0.01 = one point) to call it."""
+    """Did the failure rate go up? One-sided Fisher exact test at ``alpha``: any significant
+    rise is a regression (a failed request is a finding, so nothing is tolerated)."""
     nan = math.nan
     common: dict[str, Any] = {
         "metric": "failure_rate", "statistic": "rate", "n_baseline": baseline_total,
-        "n_current": current_total, "alpha": alpha, "min_effect": min_effect,
+        "n_current": current_total, "alpha": alpha, "min_effect": 0.0,
         "confidence": 1.0 - alpha, "higher_is_better": False,
     }  # fmt: skip
     if baseline_total <= 0 or current_total <= 0:
@@ -304,7 +225,7 @@ def compare_failure_rate(
     p = float(sps.fisher_exact(table, alternative="greater").pvalue)
     diff = rc - rb
     verdict: Verdict = "no change"
-    if p < alpha and diff > 0 and diff >= min_effect:
+    if p < alpha and diff > 0:
         verdict = "regression"
     ratio = rc / rb if rb > 0 else (math.inf if rc > 0 else 1.0)
     # No interval here: the exact test's p-value carries the significance on its own.
@@ -320,8 +241,8 @@ def compare_to_baseline(
     *,
     metrics: Iterable[str] = DEFAULT_METRICS,
     statistic: Statistic = "median",
-    alpha: float = 0.01,
-    min_effect: float = 0.05,
+    alpha: float = verdicts.ALPHA,
+    min_effect: float = verdicts.MIN_EFFECT,
     n_boot: int = 2000,
     seed: int = 0,
     include_failures: bool = True,

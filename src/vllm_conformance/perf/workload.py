@@ -19,6 +19,7 @@ Two prompt formats:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -131,6 +132,39 @@ class WorkloadSpec:
         if self.ignore_eos:
             args.append("--ignore-eos")
         return args
+
+
+#: Confidence of a percentile's sample-size rule (MLPerf LoadGen's early stopping uses 0.99).
+PERCENTILE_CONFIDENCE = 0.99
+_PERCENTILE_RE = re.compile(r"^(?:p(\d+(?:\.\d+)?)|(median))_")
+
+
+def percentile_of(metric: str) -> float | None:
+    """The percentile a metric name gates (``p99_e2el_ms`` -> 99, ``median_*`` -> 50), or
+    None for means, throughputs and counts."""
+    m = _PERCENTILE_RE.match(metric)
+    if m is None:
+        return None
+    return 50.0 if m.group(2) else float(m.group(1))
+
+
+def min_requests(percentile: float, confidence: float = PERCENTILE_CONFIDENCE) -> int:
+    """The fewest requests that can support a gate on ``percentile``, by MLPerf LoadGen's
+    early-stopping method without early stopping: the smallest ``n`` at which a run with at
+    most one request beyond the gated latency shows, with ``confidence``, that the true
+    percentile is within it (``P(Binomial(n, 1 - q) <= 1) <= 1 - confidence``): 64 requests
+    for p90, 662 for p99, 11 for the median."""
+    from scipy import stats
+
+    q = percentile / 100.0
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"percentile must be in (0, 100), got {percentile}")
+    n = 2
+    while stats.binom.cdf(1, n, 1.0 - q) > 1.0 - confidence:
+        n = max(n + 1, int(n * 1.05))
+    while n > 2 and stats.binom.cdf(1, n - 1, 1.0 - q) <= 1.0 - confidence:
+        n -= 1
+    return n
 
 
 #: The ``vllm bench serve`` workload of NVIDIA's Llama 4 Scout quick-start recipe.

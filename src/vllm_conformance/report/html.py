@@ -11,7 +11,8 @@ import html
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from vllm_conformance import report as report_mod
+from vllm_conformance.report import tables
+from vllm_conformance.report.model import verdict_class
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1b1f24}
@@ -29,7 +30,7 @@ tr.note td{color:#57606a}.small{color:#57606a;font-size:12px}
 
 
 def _e(value: Any, limit: int = 300) -> str:
-    text = report_mod.format_value(value)
+    text = tables.format_value(value)
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return html.escape(text)
@@ -78,10 +79,10 @@ def render_report(report: dict[str, Any]) -> str:
     parts.append(
         _table(
             ["", ""],
-            [(_e(k), _e(v)) for k, v in report_mod.environment_rows(report.get("environment", {}))],
+            [(_e(k), _e(v)) for k, v in tables.environment_rows(report.get("environment", {}))],
         )
     )
-    rows = report_mod.entry_rows(report)
+    rows = tables.entry_rows(report)
     parts.append("<h2>Deployments</h2>")
     parts.append(
         _table(
@@ -127,13 +128,13 @@ def render_report(report: dict[str, Any]) -> str:
                 flags = " ".join(k if v is True else f"{k} {v}" for k, v in args.items())
                 parts.append(f"<li><b>{_e(name)}</b>: <code>{_e(flags, 2000)}</code></li>")
         parts.append("</ul>")
-    if accuracy := report_mod.accuracy_rows(report):
+    if accuracy := tables.accuracy_rows(report):
         parts.append("<h2>Accuracy</h2>")
         parts.append(
             _table(
-                report_mod.ACCURACY_HEADERS,
+                tables.ACCURACY_HEADERS,
                 [[_e(cell) for cell in row] for row in accuracy],
-                [report_mod.verdict_class(row[-1]) for row in accuracy],
+                [verdict_class(row[-1]) for row in accuracy],
                 numeric=(4, 5, 6, 7),
             )
         )
@@ -153,10 +154,10 @@ def render_report(report: dict[str, Any]) -> str:
                     _e(err.get("type")),
                     _e(err.get("param")),
                     _e(err.get("message"), 160),
-                    _e(report_mod.measured_text(c.get("measured"), 240)),
+                    _e(tables.measured_text(c.get("measured"), 240)),
                 ]
             )
-            classes.append(report_mod.verdict_class(c.get("verdict")))
+            classes.append(verdict_class(c.get("verdict")))
         parts.append(
             _table(
                 ["check", "verdict", "status", "error type", "param", "message", "measured"],

@@ -137,7 +137,7 @@ def test_chartqa_through_lm_eval_sends_the_images(
     # An expectation as an entry would write it; no verdict is drawn from it here.
     task = AccuracyExpect(
         task="chartqa", metric="relaxed_accuracy,none", against="reference",
-        api="chat-completions", apply_chat_template=True, data="fixture",
+        api="chat-completions", apply_chat_template=True, data="fixture", concurrency=4,
         source="project: self-made ChartQA-format fixture",
     )  # fmt: skip
     before = scrape_metrics(mm_endpoint.base_url).counters
@@ -155,14 +155,18 @@ def test_chartqa_through_lm_eval_sends_the_images(
     files = accuracy.find_split_files(accuracy.resolve_data("chartqa", "fixture"), "test")
     docs = sum(pyarrow.parquet.read_metadata(f).num_rows for f in files)
     images = after.get("vllm:mm_cache_queries", 0.0) - before.get("vllm:mm_cache_queries", 0.0)
+    warned = {k: v for k, v in result.warnings.items() if v}
     recorder.record(
         "multimodal.chartqa_lm_eval",
-        "pass" if images >= result.n == docs > 0 else "fail",
+        "pass" if images >= result.n == docs > 0 and not warned else "fail",
         measured={"documents": result.n, "images_seen_by_server": images,
                   "relaxed_accuracy": result.value},
         expected={"images_per_document": 1},
+        warnings=result.warnings,
+        settings=result.settings,
         source="lm-eval chartqa task (local-chat-completions) on the shipped fixture",
     )  # fmt: skip
+    assert not warned, f"lm-eval did not run the task as defined: {warned}"
     assert docs > 0 and result.n == docs, f"lm-eval scored {result.n} of {docs} documents"
     assert images >= result.n, (
         f"lm-eval answered {result.n} ChartQA documents but the server processed "
