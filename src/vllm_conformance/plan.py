@@ -38,7 +38,9 @@ CONTEXT_FULL_PREFILLS = 3
 TASK_DOCUMENTS: dict[str, tuple[int, int]] = {
     "gsm8k": (1319, 1),
     "mmlu_pro": (12032, 14),
+    "mmlu_pro_llama": (12032, 14),
     "chartqa": (2500, 1),
+    "chartqa_llama_90": (2500, 1),
 }
 
 #: GPUs of one node when this machine shows none of a kind (the 8-GPU nodes of the matrix).

@@ -214,6 +214,20 @@ TASK_TOKENS: dict[str, TaskTokens] = {
         "lm-eval chartqa.yaml: 0-shot, describe-then-reason prompt, max_gen_toks 512; "
         "~1,000 image tokens (Llama 4 tiles of 336 px)",
     ),
+    "mmlu_pro_llama": TaskTokens(
+        600,
+        0,
+        0,
+        400,
+        "lm-eval mmlu_pro_llama: 0-shot chat prompt, max_gen_toks 1024; ~400-token answers",
+    ),
+    "chartqa_llama_90": TaskTokens(
+        1200,
+        0,
+        0,
+        150,
+        "lm-eval chartqa_llama_90: 0-shot, max_gen_toks 512; ~1,000 image tokens",
+    ),
 }
 
 
