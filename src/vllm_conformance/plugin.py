@@ -127,13 +127,15 @@ def pytest_configure(config: pytest.Config) -> None:
     writer = report.RecordWriter(run_dir / "records" / f"{worker or 'main'}.jsonl")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     detected = gpu_mod.detect()
+    launcher = _ray_launcher(config)
     config.stash[STATE] = State(
         deployments=deployments,
         selected=selected,
         run_dir=run_dir,
         writer=writer,
         worker=worker,
-        launcher=serving.LocalLauncher(
+        launcher=launcher
+        or serving.LocalLauncher(
             gpu_mod.worker_share(detected, worker, workers),
             settings.resolve(config, "startup-timeout"),
         ),
@@ -147,6 +149,27 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_XdistHooks(run_dir), "vllm-conformance-xdist")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
+def _ray_launcher(config: pytest.Config) -> serving.Launcher | None:
+    """The Ray launcher, when ``--launcher ray`` asks for it (else None: the local one)."""
+    if settings.resolve(config, "launcher") != "ray":
+        return None
+    address = settings.resolve(config, "ray-address")
+    if not address:
+        raise pytest.UsageError(
+            "--launcher ray needs --ray-address: HOST:PORT of the cluster's head, 'auto' on "
+            "one of its nodes, or ray://HOST:10001"
+        )
+    try:
+        from vllm_conformance.launch import ray as ray_launch
+    except ImportError as exc:
+        raise pytest.UsageError(f"--launcher ray: {exc}") from None
+    return ray_launch.RayLauncher(
+        address,
+        settings.resolve(config, "startup-timeout"),
+        settings.resolve(config, "ray-queue-timeout"),
+    )
 
 
 class _XdistHooks:
