@@ -5,6 +5,7 @@ options; and the lifeline that ends a server whose launcher died (with real proc
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from vllm_conformance.launch import procs, serving
 from vllm_conformance.launch import ray as ray_launch
-from vllm_conformance.matrix import Deployment
+from vllm_conformance.matrix import Deployment, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -185,11 +187,14 @@ def _server_tree(tag: str) -> tuple[subprocess.Popen[str], int]:
     return launcher, wrapper
 
 
-def _gone(tag: str, timeout: float = 30.0) -> list[int]:
+def _left(tag: str, spare: int | None = None, timeout: float = 30.0) -> list[int]:
+    """The tagged processes but ``spare`` once they are gone, or those left at the deadline."""
     deadline = time.monotonic() + timeout
-    while (left := procs.tagged_pids(tag)) and time.monotonic() < deadline:
+    while True:
+        left = [pid for pid in procs.tagged_pids(tag) if pid != spare]
+        if not left or time.monotonic() > deadline:
+            return left
         time.sleep(0.1)
-    return left
 
 
 def test_lifeline_ends_the_server_when_its_launcher_is_killed() -> None:
@@ -200,7 +205,7 @@ def test_lifeline_ends_the_server_when_its_launcher_is_killed() -> None:
     os.kill(wrapper, signal.SIGKILL)
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait()
-    assert _gone(tag) == []
+    assert _left(tag) == []
 
 
 def test_lifeline_waits_for_the_server_on_teardown() -> None:
@@ -209,7 +214,7 @@ def test_lifeline_waits_for_the_server_on_teardown() -> None:
     launcher, wrapper = _server_tree(tag)
     try:
         os.killpg(wrapper, signal.SIGTERM)
-        assert _gone(tag) == [launcher.pid]
+        assert _left(tag, spare=launcher.pid) == []
     finally:
         launcher.kill()
         launcher.wait()
@@ -228,3 +233,14 @@ def test_lifeline_passes_the_exit_code_and_waits_for_teardown() -> None:
         os.close(read_end)
         os.close(write_end)
     assert done.returncode == 7
+
+
+def test_kuberay_example_runs_the_ray_launcher() -> None:
+    """The RayJob example is a RayJob whose entrypoint uses options that exist."""
+    job = yaml.safe_load((ROOT / "ci-examples" / "kuberay-rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["shutdownAfterJobFinishes"] is True
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[argv.index("--launcher") + 1] == "ray"
+    assert argv[argv.index("--ray-address") + 1] == "auto"
+    ours = {a[2:] for a in argv if a.startswith("--") and a[2:] not in ("pyargs",)}
+    assert ours <= set(settings.BY_NAME), ours - set(settings.BY_NAME)
