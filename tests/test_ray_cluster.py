@@ -202,14 +202,20 @@ def test_cpu_suites_over_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
 
 
 def test_ray_executor_refused_by_vllm_cpu(
-    launcher: ray_launch.RayLauncher, entries: dict[str, Deployment], tmp_path: Path
+    cluster: Cluster,
+    launcher: ray_launch.RayLauncher,
+    entries: dict[str, Deployment],
+    tmp_path: Path,
 ) -> None:
-    """``--distributed-executor-backend ray`` reaches vLLM, which refuses it on CPU: the start
-    fails at once, with vLLM's reason in the log copied from the node."""
+    """``--distributed-executor-backend ray`` reaches vLLM, which joins the cluster (the
+    launcher hands it the address) and then refuses its Ray executor on CPU: the start fails
+    at once, with vLLM's reason in the log copied from the node."""
     srv = launcher.server(entries["ray-cpu-ray-executor"], tmp_path / "server.log")
     with pytest.raises(ServerStartError, match=r"exited with code 1 during start-up"):
         srv.start()
-    assert "ValueError: current platform cpu does not support ray." in srv.log_path.read_text()
+    log = srv.log_path.read_text()
+    assert "Connected to Ray cluster" in log and cluster.address in log
+    assert "ValueError: current platform cpu does not support ray." in log
     assert run_pids() == []
 
 

@@ -150,7 +150,7 @@ def unfit(entry: Deployment, nodes: Sequence[Mapping[str, float]]) -> str | None
     if sum(_holds(n, bundle) for n in nodes) >= len(placement.bundles):
         return None
     shapes = Counter(describe(n) for n in nodes)
-    have = "; ".join(f"{count} node(s) of {shape}" for shape, count in shapes.items())
+    have = "; ".join(f"{count} node(s) of {shape}" for shape, count in sorted(shapes.items()))
     where = "one node" if len(placement.bundles) == 1 else f"{len(placement.bundles)} nodes"
     return f"needs {describe(bundle)} on {where}; the Ray cluster has {have or 'no alive node'}"
 
