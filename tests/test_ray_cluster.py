@@ -168,9 +168,20 @@ def test_cpu_suites_over_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
     runs = {"ray-cpu-a": ["ray-cpu-a"], "ray-cpu-b": ["ray-cpu-b"]}
     runs["ray-cpu-c"] = ["ray-cpu-c", "ray-cpu-3nodes"]
     drivers = {name: _driver(cluster, ids, tmp_path, key) for name, ids in runs.items()}
-    for name, driver in drivers.items():
-        code = driver.wait(timeout=1400)
-        assert code == 0, (tmp_path / f"{name}.out").read_text()[-5000:]
+    try:
+        for name, driver in drivers.items():
+            code = driver.wait(timeout=1400)
+            assert code == 0, (tmp_path / f"{name}.out").read_text()[-5000:]
+    finally:
+        for driver in drivers.values():
+            if driver.poll() is None:
+                # SIGTERM: the driver tears its servers down, as on a cancelled CI job.
+                driver.terminate()
+                try:
+                    driver.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    driver.kill()
+                    driver.wait()
 
     started: dict[str, dict[str, Any]] = {}
     tests: dict[str, list[dict[str, Any]]] = {}
