@@ -31,8 +31,8 @@ report stay in the driver (the pytest process), which reaches every server over 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import shutil
 import tempfile
 import time
 import uuid
@@ -193,14 +193,18 @@ class RankResult:
     log_tail: str = ""
 
 
+def _node_dir(run_tag: str) -> Path:
+    """Where a node keeps the logs of one driver's servers until they are copied."""
+    return Path(tempfile.gettempdir()) / "vllm-conformance-ray" / run_tag
+
+
 class NodeServer:
     """One node rank of an entry's deployment: a :class:`VllmServer` on the actor's node."""
 
     def __init__(self, run_tag: str, name: str) -> None:
         self.run_tag = run_tag
         self.ip = ray.util.get_node_ip_address()
-        root = Path(tempfile.gettempdir()) / "vllm-conformance-ray" / run_tag
-        self.log_path = root / f"{name}.log"
+        self.log_path = _node_dir(run_tag) / f"{name}.log"
         self.server: VllmServer | None = None
 
     def where(self) -> dict[str, Any]:
@@ -253,8 +257,6 @@ class NodeServer:
                 left = str(exc)
         rest = self.read_log(offset)
         self.log_path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # other ranks of the run may still log there
-            self.log_path.parent.rmdir()
         return left, rest
 
 
@@ -263,9 +265,12 @@ _NodeServerActor = ray.remote(NodeServer)
 
 @ray.remote(num_cpus=0)
 def _sweep(run_tag: str) -> tuple[list[int], list[int]]:
-    """End this node's processes of the run: (those found, those that survived)."""
+    """End this node's processes of the run and remove its logs there (what a rank could
+    not hand back, its node having failed): (the PIDs found, those that survived)."""
     found = procs.tagged_pids(run_tag, var=RUN_TAG_VAR)
-    return found, procs.end_tagged(run_tag, var=RUN_TAG_VAR) if found else []
+    left = procs.end_tagged(run_tag, var=RUN_TAG_VAR) if found else []
+    shutil.rmtree(_node_dir(run_tag), ignore_errors=True)
+    return found, left
 
 
 # -- on the driver -------------------------------------------------------------------------------
