@@ -24,6 +24,7 @@ run tag; after the module, none carries the cluster's.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def cluster() -> Iterator[Cluster]:
         )
         assert stopped.returncode == 0, stopped.stderr
         assert procs.tagged_pids(str(root), var=CLUSTER_VAR) == []
+        shutil.rmtree(root)
 
 
 @pytest.fixture(scope="module")
