@@ -257,15 +257,20 @@ def paired_ratio(ours: list[float], theirs: list[float]) -> dict[str, float]:
 
 
 def vllm_samples(result: dict[str, Any]) -> dict[str, list[float]]:
-    """Per-request samples in ms from a detailed ``vllm bench serve`` result."""
+    """Per-request samples in ms from a detailed ``vllm bench serve`` result.
+
+    vLLM up to 0.26 saves no ``latencies``; its latency is the time of the last chunk, which
+    is TTFT plus the inter-token gaps (``async_request_openai_completions``).
+    """
     ok = [not e for e in result["errors"]]
+    latencies = result.get("latencies") or [
+        ttft + sum(gaps) for ttft, gaps in zip(result["ttfts"], result["itls"], strict=True)
+    ]
     ttft = [t * 1000 for t, s in zip(result["ttfts"], ok, strict=True) if s]
-    e2el = [t * 1000 for t, s in zip(result["latencies"], ok, strict=True) if s]
+    e2el = [t * 1000 for t, s in zip(latencies, ok, strict=True) if s]
     tpot = [
         (lat - t) / (n - 1) * 1000
-        for t, lat, n, s in zip(
-            result["ttfts"], result["latencies"], result["output_lens"], ok, strict=True
-        )
+        for t, lat, n, s in zip(result["ttfts"], latencies, result["output_lens"], ok, strict=True)
         if s and n > 1
     ]
     itl = [g * 1000 for gaps, s in zip(result["itls"], ok, strict=True) if s for g in gaps]
@@ -333,6 +338,16 @@ def fidelity(args: argparse.Namespace) -> dict[str, Any]:
                     row["ours"], per_client["ours"] = (
                         {k: summary.get(k) for k in KEYS}, samples_ms(run)
                     )  # fmt: skip
+        health = run.health
+        row["ours_health"] = asdict(health) if health else None
+        if health is not None and (
+            why := health.bottleneck(
+                row["ours"].get("median_itl_ms", 0) / 1000,
+                row["ours"].get("median_ttft_ms", 0) / 1000,
+            )
+        ):
+            print(f"round {i}: no verdict from this round: {why}", file=sys.stderr)
+            row["client_bottleneck"] = why
         for who, samples in per_client.items():
             for k, v in samples.items():
                 pooled[who].setdefault(k, []).extend(v)
@@ -500,11 +515,39 @@ def capacity(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "max_sustained_rate_by_output_len": per_len}
 
 
+@contextlib.contextmanager
+def entry_server(args: argparse.Namespace) -> Any:
+    """Start the server of matrix entry ``args.entry`` and point ``args`` at it."""
+    from vllm_conformance.launch import gpus, serving
+    from vllm_conformance.matrix import load
+
+    entry = load(args.matrix).select([args.entry])[0]
+    launcher = serving.LocalLauncher(gpus.detect(), startup_timeout=1800.0)
+    if why := launcher.unavailable(entry):
+        raise SystemExit(f"fidelity: {entry.id}: {why}")
+    server = launcher.server(entry, Path(args.out) / entry.id / "server.log")
+    with server:
+        args.base_url, args.model = server.endpoint.base_url, server.endpoint.model
+        args.tokenizer = args.tokenizer or serving.tokenizer_path(entry)
+        yield {
+            "entry": entry.id,
+            "startup_seconds": server.startup_seconds,
+            "kv_cache": asdict(server.kv_cache) if server.kv_cache else None,
+            "version": server.endpoint.version,
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--_stub-port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_ours-job", help=argparse.SUPPRESS)
     p.add_argument("--base-url", default="http://127.0.0.1:8125")
+    p.add_argument(
+        "--entry",
+        help="start this matrix entry's server for the run (instead of --base-url; its "
+        "served model name and tokenizer are used)",
+    )
+    p.add_argument("--matrix", type=Path, action="append", default=[], help="matrix file/dir")
     p.add_argument("--model", default="tiny", help="served model name")
     p.add_argument("--tokenizer", help="tokenizer path (the model directory)")
     p.add_argument("--input-len", type=int, default=128)
@@ -545,9 +588,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out: dict[str, Any] = {}
     if not args.capacity_only:
-        if not args.tokenizer:
-            p.error("--tokenizer is required for the fidelity run")
-        out["fidelity"] = fidelity(args)
+        with contextlib.ExitStack() as stack:
+            if args.entry:
+                out["server"] = stack.enter_context(entry_server(args))
+            if not args.tokenizer:
+                p.error("--tokenizer (or --entry) is required for the fidelity run")
+            out["fidelity"] = fidelity(args)
     if args.capacity or args.capacity_only:
         out["capacity"] = capacity(args)
         best = out["capacity"]["max_sustained_rate_by_output_len"]

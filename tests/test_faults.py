@@ -58,7 +58,6 @@ from vllm_conformance.matrix import Deployment
 
 pytestmark = pytest.mark.timeout(900)
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_LEN = 2048
 MODEL_NAME = "faults-tiny"
 #: Every process this module starts inherits it (the launcher copies the environment).
@@ -386,17 +385,6 @@ def test_stop_after_death_and_stall_leaves_nothing(server: VllmServer) -> None:
 
 # == 2. pytest in a subprocess: start failure, other entry runs, stall, SIGTERM ==========
 
-CONFTEST = textwrap.dedent(
-    """
-    pytest_plugins = [
-        "vllm_conformance.plugin",
-        "vllm_conformance.fixtures.server",
-        "vllm_conformance.fixtures.tokenizer",
-        "vllm_conformance.fixtures.recorder",
-    ]
-    """
-)
-
 INNER_SUITE = textwrap.dedent(
     """
     import os
@@ -443,13 +431,11 @@ INNER_SUITE = textwrap.dedent(
 
 
 def write_inner_suite(root: Path, suite: str) -> None:
-    (root / "conftest.py").write_text(CONFTEST)
     (root / "test_inner.py").write_text(suite)
 
 
 def inner_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, MARK_VAR: MARK, **extra}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     for name in (
         "VLLM_CONFORMANCE_ENDPOINT",
         "VLLM_CONFORMANCE_ENTRY",

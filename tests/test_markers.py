@@ -123,5 +123,5 @@ def test_missing_gpus_skip_with_reason() -> None:
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "needs 8 x h200; this worker has 0" in out.stdout
+    assert "needs 8 x h200; this node has 0" in out.stdout
     assert " passed" not in out.stdout

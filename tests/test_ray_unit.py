@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from vllm_conformance.launch import procs, serving
 from vllm_conformance.launch import ray as ray_launch
-from vllm_conformance.matrix import Deployment, settings
+from vllm_conformance.matrix import Deployment, load, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -244,3 +244,14 @@ def test_kuberay_example_runs_the_ray_launcher() -> None:
     assert argv[argv.index("--ray-address") + 1] == "auto"
     ours = {a[2:] for a in argv if a.startswith("--") and a[2:] not in ("pyargs",)}
     assert ours <= set(settings.BY_NAME), ours - set(settings.BY_NAME)
+
+
+def test_example_gpu_entries_plan_as_documented() -> None:
+    """The GPU entries of the recipe (not run here) are valid and plan as docs/ray.md says."""
+    known = load([ROOT / "ci-examples" / "ray-matrix.yaml"]).known
+    scout = ray_launch.plan(known["blog-scout-2x8xh200-10m-fp8kv"])
+    assert scout.strategy == "STRICT_SPREAD" and len(scout.bundles) == 2
+    assert scout.bundles[0]["GPU"] == 8 and "accelerator_type:H200" in scout.bundles[0]
+    assert known["blog-scout-2x8xh200-10m-fp8kv"].serve.max_model_len == 10 * 2**20
+    assert ray_launch.plan(known["tiny-h100x2-ray-executor"]).bundles == ({"CPU": 1.0},)
+    assert ray_launch.plan(known["tiny-2x1xh100-tp2"]).bundles[1]["GPU"] == 1

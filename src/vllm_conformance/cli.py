@@ -5,6 +5,8 @@ and ``run_<name>(args) -> int`` that does the work and returns the exit status; 
 subcommand is one more pair and one more line in :data:`SUBCOMMANDS`::
 
     vllm-conformance run [--suite NAME ...] [pytest options]
+    vllm-conformance serve ENTRY [--matrix M] [--log FILE] [--ready-file FILE]
+    vllm-conformance plan [--format md|json] [--against RUN_DIR] [pytest options]
     vllm-conformance compare OLD NEW [--format md|html|json] [--out FILE]
                              [--fail-on regressions|any|never]
     vllm-conformance report RUN_DIR [RUN_DIR ...] [--no-html] [--print]
@@ -17,6 +19,9 @@ a run that cannot be read.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -48,11 +53,163 @@ def add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run_run(args: argparse.Namespace) -> int:
     modules = [f"vllm_conformance.suites.test_{s}" for s in args.suite or ()]
-    argv = [sys.executable, "-m", "pytest", *args.pytest_args, "--pyargs"]
+    # Test ids relative to the installed package (vllm_conformance/suites/test_x.py::...);
+    # outside its rootdir pytest would give them no module part at all.
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-m", "pytest", f"--rootdir={root}", "-p", "no:cacheprovider"]
+    argv += [*args.pytest_args, "--pyargs"]
     # pytest in its own process image: it must import the plugin itself (to rewrite its
     # asserts), and signals from CI reach it directly.
     os.execv(sys.executable, [*argv, *(modules or ["vllm_conformance.suites"])])
     return EXIT_USAGE  # not reached
+
+
+# -- serve --------------------------------------------------------------------------
+
+
+def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="start one matrix entry's server and keep it until SIGTERM or Ctrl-C",
+        description="Start the server of one matrix entry exactly as the suites would "
+        "(same arguments, GPUs, readiness check), print its URL, and keep it running until "
+        "SIGTERM or Ctrl-C; then stop it and everything it started. Run the suites against "
+        "it with --endpoint URL --entry ID --server-log FILE.",
+    )
+    p.add_argument("entry", metavar="ENTRY", help="matrix entry id")
+    p.add_argument("--matrix", type=Path, action="append", default=[], help="matrix file/dir")
+    p.add_argument("--log", type=Path, default=None, help="server log (default: ENTRY.log)")
+    p.add_argument(
+        "--ready-file", type=Path, help="write URL, model and KV capacity here as JSON once ready"
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        help="seconds (default: 3 x the entry's planned start from its model size, >= 900)",
+    )
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import json
+    import signal
+    import threading
+    from dataclasses import asdict
+
+    from vllm_conformance.launch import gpus, serving
+    from vllm_conformance.launch.local import ServerStartError
+    from vllm_conformance.matrix import MatrixError, load
+
+    try:
+        entry = load(args.matrix).select([args.entry])[0]
+    except MatrixError as exc:
+        print(f"vllm-conformance serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    launcher = serving.LocalLauncher(gpus.detect(), args.startup_timeout)
+    if why := launcher.unavailable(entry):
+        print(f"vllm-conformance serve: {entry.id}: {why}", file=sys.stderr)
+        return EXIT_USAGE
+    server = launcher.server(entry, args.log or Path(f"{entry.id}.log"))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        ep = server.start()
+    except ServerStartError as exc:
+        print(f"vllm-conformance serve: {entry.id}: {exc}", file=sys.stderr)
+        return EXIT_FINDINGS
+    try:
+        ready = {
+            "entry": entry.id,
+            "base_url": ep.base_url,
+            "model": ep.model,
+            "max_model_len": ep.max_model_len,
+            "version": ep.version,
+            "log": str(server.log_path.resolve()),
+            "startup_seconds": server.startup_seconds,
+            "kv_cache": asdict(server.kv_cache) if server.kv_cache else None,
+        }
+        print(json.dumps(ready), flush=True)
+        if args.ready_file:
+            args.ready_file.write_text(json.dumps(ready, indent=1) + "\n")
+        while not stop.wait(1.0) and server.alive():
+            pass
+        if not server.alive():
+            print(server.death_message(), file=sys.stderr)
+            return EXIT_FINDINGS
+        return EXIT_OK
+    finally:
+        server.stop()
+
+
+# -- plan ---------------------------------------------------------------------------
+
+
+def add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="the cost plan of a selection (server starts, full prefills, lm-eval documents, "
+        "load requests, GPU-node time), before anything starts",
+        description="Collect the bundled suites as 'run' would (every other option goes to "
+        "pytest: -m h100, --entry ID, --matrix DIR, -n 8) and print per entry the server "
+        "starts, full-length prefills, lm-eval documents, load-generator requests and the "
+        "planned time from the model's shape and the GPU's datasheet, then each node's time "
+        "one entry at a time and packed. Nothing is started; no GPU is needed.",
+    )
+    p.add_argument("--format", choices=("md", "json"), default="md", help="default: md")
+    p.add_argument(
+        "--against",
+        type=Path,
+        metavar="RUN_DIR",
+        help="instead: the plan of that run against what it measured",
+    )
+    p.set_defaults(func=run_plan, pass_unknown=True)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from vllm_conformance import plan
+
+    if args.against is not None:
+        from vllm_conformance import report
+
+        rows = plan.versus(report.load_records(args.against))
+        if not rows:
+            print(f"vllm-conformance plan: {args.against}: no plan records", file=sys.stderr)
+            return EXIT_USAGE
+        if args.format == "json":
+            print(json.dumps([vars(r) | {"ratio": r.ratio} for r in rows], indent=1))
+        else:
+            sys.stdout.write(plan.render_versus(rows))
+        return EXIT_OK
+    import pytest
+
+    from vllm_conformance import plugin
+
+    found: list[plan.Plan] = []
+
+    class Grab:
+        @pytest.hookimpl(trylast=True)
+        def pytest_collection_finish(self, session: pytest.Session) -> None:
+            if (got := plugin.state(session.config).plan) is not None:
+                found.append(got)
+
+    # As ``run`` collects them (see there for the rootdir).
+    root = Path(__file__).resolve().parent.parent
+    argv = ["--collect-only", "-q", f"--rootdir={root}", "-p", "no:cacheprovider"]
+    argv += [*args.pytest_args, "--pyargs", "vllm_conformance.suites"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = pytest.main(argv, plugins=[Grab()])
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED) or not found:
+        # A usage error is on stderr already; collection errors end pytest's report.
+        if code != pytest.ExitCode.USAGE_ERROR:
+            sys.stderr.write("\n".join(out.getvalue().splitlines()[-60:]) + "\n")
+        return EXIT_USAGE
+    if args.format == "json":
+        print(json.dumps(found[0].to_dict(), indent=1))
+    else:
+        sys.stdout.write(plan.render(found[0]))
+    return EXIT_OK
 
 
 # -- compare ------------------------------------------------------------------------
@@ -188,6 +345,8 @@ def run_discover(args: argparse.Namespace) -> int:
 #: Every subcommand's ``add_<name>`` function, in the order ``--help`` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_run,
+    add_serve,
+    add_plan,
     add_compare,
     add_report,
     add_discover,

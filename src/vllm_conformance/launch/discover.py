@@ -62,7 +62,7 @@ def _with_max_model_len(entry: Deployment, value: int) -> Deployment:
     )
 
 
-def _start(entry: Deployment, log_path: Path, startup_timeout: float) -> VllmServer:
+def _start(entry: Deployment, log_path: Path, startup_timeout: float | None) -> VllmServer:
     launcher = serving.LocalLauncher(gpus.detect(), startup_timeout)
     if why := launcher.unavailable(entry):
         raise DiscoveryError(f"{entry.id}: {why}")
@@ -81,7 +81,7 @@ def discover(
     out_dir: Path,
     margin: float = 0.93,
     round_to: int = 1000,
-    startup_timeout: float = 900.0,
+    startup_timeout: float | None = None,
 ) -> Capacity:
     """Run the two starts and the confirming request; return the verified capacity."""
     from transformers import AutoTokenizer
@@ -193,7 +193,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("reports/capacity"),
         help="directory for capacity.md, capacity.json and server logs",
     )
-    parser.add_argument("--startup-timeout", type=float, default=900.0)
+    parser.add_argument(
+        "--startup-timeout",
+        type=float,
+        help="seconds (default: 3 x the entry's planned start from its model size, >= 900)",
+    )
     parser.add_argument(
         "--write-back",
         action="store_true",

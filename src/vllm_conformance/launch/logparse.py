@@ -101,3 +101,45 @@ def failure_reason(lines: Iterable[str]) -> FailureReason | None:
             last_error = line.strip()
     last_error = explanation or last_error
     return FailureReason("other", last_error) if last_error else None
+
+
+_GIB = 2**30
+_STARTUP_FACTS: dict[str, re.Pattern[str]] = {
+    "weights_gib": re.compile(r"Model loading took ([\d.]+) GiB"),
+    "kv_memory_gib": re.compile(
+        r"Available KV cache memory: ([\d.]+) GiB|Explicitly set \(([\d.]+)/[\d.]+\) GiB for KV"
+    ),
+    "max_num_batched_tokens": re.compile(r"max_num_batched_tokens=(\d+)"),
+    "gpu_memory_utilization": re.compile(r"current --gpu-memory-utilization=([\d.]+)"),
+}
+
+
+@dataclass(frozen=True)
+class StartupFacts:
+    """Memory figures of one start, as vLLM logs them (None: not logged by this build)."""
+
+    weights_bytes: float | None = None
+    kv_memory_bytes: float | None = None
+    max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float | None = None
+    async_scheduling: bool = False
+
+
+def parse_startup_facts(lines: Iterable[str]) -> StartupFacts:
+    """Weights and KV memory, batch budget and scheduling mode from a startup log."""
+    found: dict[str, float] = {}
+    async_scheduling = False
+    for line in lines:
+        async_scheduling = async_scheduling or "Asynchronous scheduling is enabled" in line
+        for name, pattern in _STARTUP_FACTS.items():
+            if m := pattern.search(line):
+                found[name] = float(next(g for g in m.groups() if g is not None))
+    gib = {k: found[k] * _GIB for k in ("weights_gib", "kv_memory_gib") if k in found}
+    batched = found.get("max_num_batched_tokens")
+    return StartupFacts(
+        weights_bytes=gib.get("weights_gib"),
+        kv_memory_bytes=gib.get("kv_memory_gib"),
+        max_num_batched_tokens=int(batched) if batched is not None else None,
+        gpu_memory_utilization=found.get("gpu_memory_utilization"),
+        async_scheduling=async_scheduling,
+    )

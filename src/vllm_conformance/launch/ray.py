@@ -66,6 +66,8 @@ from vllm_conformance.launch.local import (
 )
 from vllm_conformance.launch.logparse import FailureReason, KvCacheInfo, failure_reason
 from vllm_conformance.matrix import Deployment
+from vllm_conformance.perf import estimate
+from vllm_conformance.progress import Progress
 
 #: Every process a launcher's servers start carries ``RUN_TAG_VAR=<the launcher's tag>``.
 RUN_TAG_VAR = "VLLM_CONFORMANCE_RAY_RUN"
@@ -381,7 +383,11 @@ class RayServer:
             list(placement.bundles), placement.strategy, name=self._group_name
         )
         began = time.monotonic()
-        ready, _ = ray.wait([self._group.ready()], timeout=self.launcher.queue_timeout)
+        ready, _ = ray.wait([self._group.ready()], timeout=0)
+        if not ready:
+            with self.launcher.progress.phase(self.entry.id, "waiting for a Ray placement") as wait:
+                wait.note(f"free in the cluster: {self.launcher.free_summary()}")
+                ready, _ = ray.wait([self._group.ready()], timeout=self.launcher.queue_timeout)
         self._queued_seconds = round(time.monotonic() - began, 3)
         self._placed_at = time.time() if ready else None
         if not ready:
@@ -411,14 +417,16 @@ class RayServer:
 
     def _launch(self) -> None:
         key = serving.api_key(self.entry)
-        timeout = self.launcher.startup_timeout
+        timeout = self.launcher.startup_timeout_for(self.entry)
         head = self._ranks[0]
         env = {"RAY_ADDRESS": self.launcher.gcs_address} if ray_executor(self.entry) else {}
-        if len(self._ranks) == 1:
-            launch = RankLaunch(self.entry, key, timeout, env=env)
-            result = ray.get(head.actor.launch.remote(launch))
-        else:
-            result = self._launch_ranks(key, timeout)
+        planned = estimate.startup_seconds(self.entry)
+        with self.launcher.progress.phase(self.entry.id, "server start", planned_s=planned):
+            if len(self._ranks) == 1:
+                launch = RankLaunch(self.entry, key, timeout, env=env)
+                result = ray.get(head.actor.launch.remote(launch))
+            else:
+                result = self._launch_ranks(key, timeout)
         head.spec = result.spec
         head.append(ray.get(head.actor.read_log.remote(head.offset)))
         if result.failure is not None:
@@ -550,19 +558,32 @@ class RayLauncher:
     """Servers of matrix entries placed on the Ray cluster at ``address``.
 
     Connects on first use (an xdist controller that collects nothing never does);
-    ``queue_timeout`` bounds an entry's wait for its placement.
+    ``queue_timeout`` bounds an entry's wait for its placement; ``startup_timeout`` None
+    gives each entry the deadline of its model's size, as the local launcher does.
     """
 
-    def __init__(self, address: str, startup_timeout: float, queue_timeout: float) -> None:
+    def __init__(
+        self,
+        address: str,
+        startup_timeout: float | None,
+        queue_timeout: float,
+        progress: Progress | None = None,
+    ) -> None:
         self.address = address
         self.startup_timeout = startup_timeout
         self.queue_timeout = queue_timeout
+        self.progress = progress or Progress(None)
         self.tag = uuid.uuid4().hex
         self._nodes: list[dict[str, Any]] | None = None
 
     def _connect(self) -> None:
         if not ray.is_initialized():
             ray.init(address=self.address, log_to_driver=False)
+
+    def startup_timeout_for(self, entry: Deployment) -> float:
+        if self.startup_timeout is not None:
+            return self.startup_timeout
+        return estimate.startup_timeout_seconds(entry)
 
     @property
     def gcs_address(self) -> str:

@@ -61,6 +61,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("api-key", "VLLM_CONFORMANCE_API_KEY", "API key for --endpoint"),
     Option(
+        "server-log",
+        "VLLM_CONFORMANCE_SERVER_LOG",
+        "startup log of the --endpoint server: its KV capacity is then checked too",
+    ),
+    Option(
         "launcher",
         "VLLM_CONFORMANCE_LAUNCHER",
         "where servers run: 'local' (this machine) or 'ray' (a Ray cluster, --ray-address)",
@@ -90,8 +95,27 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "startup-timeout",
         "VLLM_CONFORMANCE_STARTUP_TIMEOUT",
-        "seconds a server may take to start",
-        default=900.0,
+        "seconds a server may take to start; default: per entry, 3 x its planned start "
+        "(from the model's size), at least 900",
+        convert=float,
+    ),
+    Option(
+        "gpu-wait",
+        "VLLM_CONFORMANCE_GPU_WAIT",
+        "seconds an entry waits for busy GPUs before it fails; default: 14400 (4 h)",
+        convert=float,
+    ),
+    Option(
+        "gpu-leases",
+        "VLLM_CONFORMANCE_GPU_LEASES",
+        "the node's GPU lease table (JSON), shared by every run and xdist worker; "
+        "default: <tmp>/vllm-conformance/gpu-leases.json",
+    ),
+    Option(
+        "progress-interval",
+        "VLLM_CONFORMANCE_PROGRESS_INTERVAL",
+        "seconds between two progress lines of a long phase",
+        default=60.0,
         convert=float,
     ),
     Option(

@@ -58,6 +58,7 @@ class Shape:
     global_layers: tuple[int, ...] = ()
     attention_chunk: int | None = None
     tied_embeddings: bool = False
+    max_position_embeddings: int = 0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Shape:
@@ -98,6 +99,7 @@ class Shape:
             global_layers=tuple(global_layers),
             attention_chunk=int(chunk) if chunk else None,
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings") or 0),
         )
 
     @classmethod
@@ -147,6 +149,12 @@ class Shape:
         """Weight memory: decoder linears at ``precision``, embeddings and head in bf16."""
         return self.layer_params() * DTYPE_BYTES[precision] + self.embedding_params * 2
 
+    @property
+    def rope_cache_bytes(self) -> float:
+        """vLLM's RoPE cos/sin table: ``max_position_embeddings x head_dim`` in bf16, held
+        with the weights (it is part of "Model loading took N GiB")."""
+        return self.max_position_embeddings * self.head_dim * 2
+
     # -- KV cache -------------------------------------------------------------------
 
     @property
@@ -157,10 +165,14 @@ class Shape:
         """K and V of one token in one layer."""
         return 2 * self.num_kv_heads * self.head_dim * DTYPE_BYTES[kv_dtype]
 
-    def kv_bytes(self, tokens: int, kv_dtype: str = "auto") -> float:
-        """KV memory one request of ``tokens`` holds: local layers keep one chunk at most."""
+    def kv_bytes(self, tokens: int, kv_dtype: str = "auto", in_flight: int = 0) -> float:
+        """KV memory one request of ``tokens`` holds.
+
+        Local layers keep one attention chunk plus the tokens scheduled but not yet
+        processed (``in_flight``), which is what vLLM reserves for them.
+        """
         per = self.kv_bytes_per_token_layer(kv_dtype)
-        local_tokens = min(tokens, self.attention_chunk or tokens)
+        local_tokens = min(tokens, (self.attention_chunk or tokens) + in_flight)
         return per * (len(self.global_layers) * tokens + len(self.local_layers) * local_tokens)
 
     # -- compute --------------------------------------------------------------------

@@ -45,6 +45,18 @@ from vllm_conformance.perf.workload import RequestSpec, WorkloadSpec
 
 #: Cap on the error text kept per request (a server can return a page of HTML).
 MAX_ERROR_CHARS = 2000
+#: How often the event-loop monitor wakes up; its overshoot is the loop's lag.
+LOOP_PROBE_S = 0.01
+#: The client is the bottleneck when its one Python thread is this busy ...
+CLIENT_CPU_LIMIT = 0.9
+#: ... or when the event loop (typically: p50) or the sending of due requests (p99) lags by
+#: more than this share of what is measured (median ITL, median TTFT): a timestamp taken that
+#: late is no longer the server's time. The loop's p99 is reported, not judged: on a shared
+#: machine the OS preempts any process now and then, which moves tail latencies of both
+#: clients alike (benchmarks/fidelity.py measures that side by side).
+LAG_SHARE_LIMIT = 0.25
+#: Lags below this are timer noise whatever the latencies (a 1 ms ITL is not resolvable).
+LAG_FLOOR_S = 0.002
 
 
 @dataclass
@@ -66,6 +78,11 @@ class RequestResult:
     status: int | None = None
     error: str = ""
     generated_text: str = ""
+
+    @property
+    def dispatch_lag(self) -> float:
+        """How late the POST went out after the request was due and had a free slot."""
+        return max(0.0, self.start_time - self.scheduled_time - self.queue_time)
 
     @property
     def tpot(self) -> float | None:
@@ -155,6 +172,71 @@ class LoadConfig:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class GeneratorHealth:
+    """Whether the load generator itself kept up, measured during the run.
+
+    - ``loop_lag_*``: how late the event loop woke a probe that sleeps :data:`LOOP_PROBE_S`
+      (a loop busy parsing streams wakes everything late, timestamps included);
+    - ``dispatch_lag_*``: from the moment a request was due and allowed (its arrival time
+      and a free concurrency slot) to its POST;
+    - ``client_cpu``: CPU seconds of this process per second of run (1.0 = one core, all
+      the asyncio loop can use).
+    """
+
+    loop_lag_p50_s: float
+    loop_lag_p99_s: float
+    loop_lag_max_s: float
+    dispatch_lag_p99_s: float
+    client_cpu: float
+
+    def bottleneck(self, median_itl_s: float | None, median_ttft_s: float | None) -> str | None:
+        """Why the client, not the server, may have set the numbers; None if it kept up."""
+        if self.client_cpu >= CLIENT_CPU_LIMIT:
+            return f"the load generator used {self.client_cpu:.0%} of its one core"
+        for what, lag, measured in (
+            ("median event-loop lag", self.loop_lag_p50_s, median_itl_s),
+            ("p99 dispatch lag", self.dispatch_lag_p99_s, median_ttft_s),
+        ):
+            limit = max(LAG_FLOOR_S, LAG_SHARE_LIMIT * (measured or 0.0))
+            if lag > limit:
+                return (
+                    f"the load generator's {what} was {lag * 1000:.1f} ms, above "
+                    f"{limit * 1000:.1f} ms ({LAG_SHARE_LIMIT:.0%} of the median it measures)"
+                )
+        return None
+
+
+def _percentiles(values: Sequence[float]) -> tuple[float, float, float]:
+    if not values:
+        return 0.0, 0.0, 0.0
+    p50, p99 = np.percentile(values, [50, 99])
+    return float(p50), float(p99), float(max(values))
+
+
+class _LoopMonitor:
+    """Samples the event loop's lag until stopped."""
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(LOOP_PROBE_S)
+            self.lags.append(max(0.0, time.perf_counter() - before - LOOP_PROBE_S))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
 @dataclass
 class RunResult:
     """One run: the per-request results (warm-up excluded) and the run's bounds."""
@@ -169,6 +251,7 @@ class RunResult:
     time_limited: bool = False
     client_cpu_s: float = 0.0
     warmup_failed: int = 0
+    health: GeneratorHealth | None = None
 
     @property
     def failures(self) -> list[RequestResult]:
@@ -187,6 +270,7 @@ class RunResult:
             "time_limited": self.time_limited,
             "client_cpu_s": self.client_cpu_s,
             "warmup_failed": self.warmup_failed,
+            "health": asdict(self.health) if self.health else None,
             "results": [r.to_dict(keep_text=keep_text) for r in self.results],
         }
 
@@ -204,6 +288,7 @@ class RunResult:
             time_limited=bool(data.get("time_limited", False)),
             client_cpu_s=float(data.get("client_cpu_s", 0.0)),
             warmup_failed=int(data.get("warmup_failed", 0)),
+            health=GeneratorHealth(**data["health"]) if data.get("health") else None,
         )
 
 
@@ -435,6 +520,8 @@ async def run_load(
         offsets = arrival_offsets(len(todo), config.request_rate, config.burstiness, config.seed)
         results: list[RequestResult] = []
         counts = {"done": 0, "failed": 0}
+        monitor = _LoopMonitor()
+        monitor.start()
         t0 = time.perf_counter()
         cpu0 = time.process_time()
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -499,10 +586,19 @@ async def run_load(
                 await asyncio.gather(*pending, return_exceptions=True)
         duration = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
+        await monitor.stop()
 
     queued_out = [r for r in results if r.error.startswith("not sent")]
     not_sent += len(queued_out)
     results = [r for r in results if not r.error.startswith("not sent")]
+    loop_p50, loop_p99, loop_max = _percentiles(monitor.lags)
+    health = GeneratorHealth(
+        loop_lag_p50_s=loop_p50,
+        loop_lag_p99_s=loop_p99,
+        loop_lag_max_s=loop_max,
+        dispatch_lag_p99_s=_percentiles([r.dispatch_lag for r in results])[1],
+        client_cpu=cpu / duration if duration > 0 else 0.0,
+    )
     return RunResult(
         config=config,
         base_url=base_url,
@@ -514,6 +610,7 @@ async def run_load(
         time_limited=not_sent > 0,
         client_cpu_s=cpu,
         warmup_failed=warmup_failed,
+        health=health,
     )
 
 

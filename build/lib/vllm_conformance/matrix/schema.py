@@ -1,0 +1,332 @@
+"""The hardware matrix: deployments and their expectations, as validated data.
+
+A matrix file is YAML with a top-level ``deployments`` list (one file per model family).
+Each entry says what to serve (model, hardware, every ``vllm serve`` argument) and what the
+deployment must show (context, accuracy, performance), each expectation with its source.
+The matrix is the only place where a deployment, a flag or a threshold is written.
+
+This module is the schema (pydantic, strict: an unknown key, a wrong type or an inconsistent
+value is an error); :mod:`vllm_conformance.matrix.load` reads files into it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+GpuKind = Literal["cpu", "a100", "h100", "h200", "b200"]
+Precision = Literal["bf16", "fp16", "fp8", "fp4", "int4"]
+Family = Literal["scout", "maverick", "tiny"]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+_ID_RE = r"^[a-z0-9][a-z0-9._-]*$"
+
+
+class _Strict(BaseModel):
+    """Base for every matrix model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_token_count(value: int | str) -> int:
+    """Parse a token count the way ``vllm serve`` does: ``1k`` = 1000, ``1K`` = 1024.
+
+    Plain integers (and underscores or commas as thousands separators) pass through.
+    """
+    if isinstance(value, int):
+        return value
+    text = value.strip().replace("_", "").replace(",", "")
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgG]?)", text)
+    if not match:
+        raise ValueError(f"not a token count: {value!r}")
+    number, suffix = match.groups()
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+    result = float(number) * scale[suffix]
+    if result != int(result):
+        raise ValueError(f"not a whole number of tokens: {value!r}")
+    return int(result)
+
+
+TokenCount = Annotated[int, Field(gt=0)]
+
+
+class Model(_Strict):
+    """What to serve: a checkpoint (hub id or local path) or a generated model."""
+
+    family: Family
+    precision: Precision = Field(description="weight precision of the served checkpoint")
+    path: str | None = Field(None, description="hub id or local directory of the checkpoint")
+    generate: str | None = Field(None, description="modelgen recipe that builds the model")
+    options: dict[str, Any] = Field(default_factory=dict, description="options of the recipe")
+    tokenizer: str | None = Field(None, description="tokenizer path or id; default: the model")
+    served_model_name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Model:
+        if (self.path is None) == (self.generate is None):
+            raise ValueError("give exactly one of 'path' or 'generate'")
+        if self.options and self.generate is None:
+            raise ValueError("'options' only apply to a generated model")
+        return self
+
+
+class Hardware(_Strict):
+    """Where it runs: GPU kind and how many of them the deployment needs."""
+
+    gpu: GpuKind
+    count: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _cpu_has_no_count(self) -> Hardware:
+        if self.gpu == "cpu" and self.count != 1:
+            raise ValueError("a cpu deployment has count 1")
+        return self
+
+
+class Serve(_Strict):
+    """The ``vllm serve`` arguments of a deployment, named as vLLM names them."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    dtype: str | None = None
+    quantization: str | None = None
+    kv_cache_dtype: str | None = None
+    max_model_len: TokenCount
+    max_num_seqs: PositiveInt | None = None
+    max_num_batched_tokens: PositiveInt | None = None
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    limit_mm_per_prompt: dict[str, int] | None = None
+    override_generation_config: dict[str, Any] | None = None
+    generation_config: str | None = None
+    compilation_config: dict[str, Any] | None = None
+    async_scheduling: bool | None = None
+    enable_prefix_caching: bool | None = None
+    load_format: str | None = Field(
+        None, description="'dummy': random weights from config.json (real sizes, no download)"
+    )
+    api_key_env: str | None = Field(
+        None, description="name of the environment variable that holds --api-key"
+    )
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("max_model_len", mode="before")
+    @classmethod
+    def _suffixes(cls, value: Any) -> Any:
+        return parse_token_count(value) if isinstance(value, str) else value
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        """The server-wide output cap, from ``override_generation_config``."""
+        value = (self.override_generation_config or {}).get("max_new_tokens")
+        return int(value) if value is not None else None
+
+    def argv(self) -> list[str]:
+        """The command-line arguments for ``vllm serve`` (without the model)."""
+        args: list[str] = []
+        for name, value in self.model_dump(exclude={"extra_args", "env", "api_key_env"}).items():
+            flag = "--" + name.replace("_", "-")
+            if value is None:
+                continue
+            if name in ("tensor_parallel_size", "pipeline_parallel_size") and value == 1:
+                continue
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, dict):
+                args += [flag, json.dumps(value, separators=(",", ":"))]
+            else:
+                args += [flag, str(value)]
+        return args + list(self.extra_args)
+
+
+class KvCacheRatio(_Strict):
+    """The KV capacity relative to another entry's, both started in the same run.
+
+    A ratio, not an absolute figure: it holds whatever the GPU's free memory is, so it
+    checks what a flag such as ``--kv-cache-dtype fp8`` promises ("about twice the tokens").
+    """
+
+    to: str = Field(description="id of the entry whose logged KV capacity is compared with")
+    ratio: float = Field(gt=0)
+    rel: float = Field(0.1, gt=0, lt=1, description="relative tolerance on the ratio")
+    source: str
+
+
+class ContextExpect(_Strict):
+    """What the context suite checks: the promised length and the KV capacity."""
+
+    source: str
+    startup: Literal["ok", "fails"] = "ok"
+    failure_reasons: list[Literal["kv_cache", "oom"]] = Field(
+        default_factory=list, description="accepted reasons when startup is expected to fail"
+    )
+    min_kv_cache_tokens: PositiveInt | None = None
+    overflow_policy: Literal["reject", "clamp"] = Field(
+        "reject",
+        description="what the server does when prompt + max_tokens exceeds max_model_len",
+    )
+    max_concurrent_checks: int = Field(
+        4, ge=1, description="cap on the concurrent near-maximum requests of the KV check"
+    )
+    kv_cache_ratio: KvCacheRatio | None = None
+
+    @model_validator(mode="after")
+    def _reason_iff_fails(self) -> ContextExpect:
+        if (self.startup == "fails") != bool(self.failure_reasons):
+            raise ValueError("'failure_reasons' are given exactly when startup is 'fails'")
+        return self
+
+
+class AccuracyExpect(_Strict):
+    """One lm-eval task with the value it must reach.
+
+    ``against: reported`` compares with a published ``value``; ``against: reference``
+    compares with the score of the reference implementation (transformers, greedy) on the
+    same documents, which is how a generated model is checked for numerics conformance.
+    """
+
+    task: str
+    metric: str = Field(description="lm-eval result key, e.g. 'exact_match,flexible-extract'")
+    against: Literal["reported", "reference"] = "reported"
+    value: float | None = Field(None, ge=0, le=1)
+    source: str
+    gen_kwargs: dict[str, Any] = Field(default_factory=dict)
+    api: Literal["completions", "chat-completions"] = "completions"
+    num_fewshot: int | None = Field(None, ge=0)
+    apply_chat_template: bool = False
+    limit: PositiveInt | None = None
+    concurrency: PositiveInt = 8
+    z: float = Field(2.576, gt=0, description="standard errors allowed (2.576 ~ 99 %)")
+    rtol: float | None = Field(None, ge=0, lt=1, description="relative tolerance, vLLM CI style")
+    data: str | None = Field(
+        None, description="local data set path, $ENV_VAR holding one, or 'fixture'"
+    )
+
+    @model_validator(mode="after")
+    def _value_iff_reported(self) -> AccuracyExpect:
+        if (self.against == "reported") != (self.value is not None):
+            raise ValueError("'value' is given exactly when 'against' is 'reported'")
+        return self
+
+
+class Threshold(_Strict):
+    """One performance gate, e.g. ``output_throughput >= 2600``."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+    source: str
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> Threshold:
+        if self.min is None and self.max is None:
+            raise ValueError("give 'min' or 'max'")
+        return self
+
+
+class Workload(_Strict):
+    """A ``vllm bench serve`` style workload."""
+
+    dataset: Literal["random"] = "random"
+    input_len: PositiveInt
+    output_len: PositiveInt
+    num_prompts: PositiveInt
+    max_concurrency: PositiveInt | None = None
+    request_rate: float | None = Field(None, gt=0)
+    burstiness: float = Field(1.0, gt=0)
+    ignore_eos: bool = True
+    warmup: int = Field(2, ge=0)
+    seed: int = 0
+
+
+class PerformanceExpect(_Strict):
+    """Workload plus thresholds (each with its own source)."""
+
+    workload: Workload
+    thresholds: list[Threshold] = Field(default_factory=list)
+    slo: dict[str, float] = Field(default_factory=dict, description="goodput SLOs in ms")
+    baseline: str | None = Field(
+        None, description="baseline samples (JSON, relative to the matrix file's project)"
+    )
+    min_effect: float = Field(
+        0.05, ge=0, description="smallest relative slow-down called a regression"
+    )
+    compare_metrics: list[Literal["ttft", "tpot", "itl", "e2el"]] = Field(
+        default_factory=lambda: ["ttft", "tpot", "e2el"],
+        description="per-request latencies compared with the baseline",
+    )
+    source: str
+
+
+class KnownIssue(_Strict):
+    """A finding about the served vLLM that its tests keep asserting, as a strict xfail.
+
+    The test still runs: while vLLM behaves as recorded it is reported as an expected
+    failure; the day it is fixed the test passes unexpectedly and fails the run, so the
+    entry is updated instead of a finding silently going stale.
+    """
+
+    test: str = Field(description="test name, '*' matching anything: 'test_bad_input[*-x]'")
+    reason: str
+    source: str
+
+    def matches(self, test_name: str) -> bool:
+        """Whether ``test_name`` (with its parameters) is one this issue names."""
+        pattern = ".*".join(re.escape(part) for part in self.test.split("*"))
+        return re.fullmatch(pattern, test_name) is not None
+
+
+class Expect(_Strict):
+    known_issues: list[KnownIssue] = Field(default_factory=list)
+    context: ContextExpect | None = None
+    accuracy: list[AccuracyExpect] = Field(default_factory=list)
+    performance: PerformanceExpect | None = None
+
+
+class Deployment(_Strict):
+    """One row of the hardware matrix."""
+
+    id: str = Field(pattern=_ID_RE)
+    description: str = ""
+    model: Model
+    hardware: Hardware
+    serve: Serve
+    expect: Expect = Field(default_factory=Expect)
+    source: str = Field(description="where this deployment comes from")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Deployment:
+        gpus = self.serve.tensor_parallel_size * self.serve.pipeline_parallel_size
+        if self.hardware.gpu != "cpu" and gpus > self.hardware.count:
+            raise ValueError(
+                f"tensor x pipeline parallel size is {gpus} but hardware.count is "
+                f"{self.hardware.count}"
+            )
+        cap = self.serve.max_new_tokens
+        if cap is not None and cap > self.serve.max_model_len:
+            raise ValueError(
+                f"override_generation_config.max_new_tokens ({cap}) is above "
+                f"max_model_len ({self.serve.max_model_len})"
+            )
+        perf = self.expect.performance
+        if perf and perf.workload.input_len + perf.workload.output_len > self.serve.max_model_len:
+            raise ValueError("performance workload input_len + output_len exceeds max_model_len")
+        return self
+
+    @property
+    def served_model_name(self) -> str:
+        """The name clients send as ``model``."""
+        return self.model.served_model_name or self.model.path or self.model.generate or self.id
+
+    @property
+    def startup_fails(self) -> bool:
+        return self.expect.context is not None and self.expect.context.startup == "fails"

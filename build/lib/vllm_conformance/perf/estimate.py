@@ -1,0 +1,259 @@
+"""Physical estimates for a matrix entry, from its model's shape and its hardware's datasheet.
+
+Two kinds of number, never mixed up:
+
+- **floors** (``*_floor``): what no run can beat (every FLOP at the peak of every GPU, every
+  byte at full HBM bandwidth). A measurement below its floor is a measurement error.
+- **estimates**: what a run is planned with and what deadlines are derived from: the floor
+  divided by the efficiency that serving engines reach in practice (:data:`PREFILL_MFU`,
+  :data:`DECODE_MBU`), stated here once, with their source.
+
+An entry without a known model shape (a checkpoint path without a local ``config.json``, of
+a family this package has no config for) gets ``None``: callers say so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm_conformance.launch.gpus import SPECS, GpuSpec
+from vllm_conformance.launch.logparse import KvCacheInfo, StartupFacts
+from vllm_conformance.matrix import Deployment
+from vllm_conformance.models.shape import DTYPE_BYTES, Shape
+
+#: Fraction of peak FLOP/s a long prefill reaches (FlashAttention-3 and FP8 GEMMs on Hopper
+#: run at 40-75 % of peak; a whole serving step, with MoE routing, lower).
+PREFILL_MFU = 0.35
+#: Fraction of HBM bandwidth a decode step reaches (weights and KV read once per step).
+DECODE_MBU = 0.5
+#: Weights load from local NVMe or page cache at about this rate per node (bytes/s); with
+#: ``load_format: dummy`` nothing is read, random initialisation runs on the GPU.
+LOAD_BANDWIDTH = 2e9
+#: Fixed cost of a server start: Python imports, torch.compile, CUDA graphs, warm-up.
+STARTUP_FIXED_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What one entry runs on: the datasheet of its device kind, times the count."""
+
+    spec: GpuSpec
+    count: int
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.spec.memory_gib * 2**30 * self.count
+
+    @property
+    def bandwidth(self) -> float:
+        return self.spec.bandwidth * self.count
+
+    def peak(self, precision: str) -> float:
+        return self.spec.peak(precision) * self.count
+
+
+def _config(entry: Deployment) -> dict[str, Any] | None:
+    model = entry.model
+    if model.generate is not None:
+        from vllm_conformance import models
+
+        return models.config_of(model.generate, model.options)
+    assert model.path is not None
+    local = Path(model.path) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())  # type: ignore[no-any-return]
+    if model.family in ("scout", "maverick"):
+        from vllm_conformance.models import scout
+
+        quantization = "fp8" if model.precision == "fp8" else None
+        return scout.config(variant=model.family, quantization=quantization)
+    return None
+
+
+def shape_of(entry: Deployment) -> Shape | None:
+    """The shape of the entry's model, or None when it cannot be known without the model."""
+    config = _config(entry)
+    return Shape.from_config(config) if config is not None else None
+
+
+def hardware_of(entry: Deployment) -> Hardware:
+    return Hardware(SPECS[entry.hardware.gpu], entry.hardware.count)
+
+
+def _kv_dtype(entry: Deployment) -> str:
+    return entry.serve.kv_cache_dtype or "auto"
+
+
+def prefill_floor_seconds(entry: Deployment, tokens: int, cached: int = 0) -> float | None:
+    """No GPU set can prefill ``tokens`` faster (linears at the weights' peak, attention at
+    the KV dtype's), of which the first ``cached`` come from the prefix cache: causal
+    attention over positions ``[cached, tokens)`` costs F(tokens) - F(cached)."""
+    shape = shape_of(entry)
+    if shape is None:
+        return None
+    hw = hardware_of(entry)
+    attention_precision = "fp8" if _kv_dtype(entry).startswith("fp8") else "bf16"
+    linear = shape.linear_flops(tokens - cached)
+    attention = shape.attention_flops(tokens) - shape.attention_flops(cached)
+    return linear / hw.peak(entry.model.precision) + attention / hw.peak(attention_precision)
+
+
+def prefill_seconds(entry: Deployment, tokens: int) -> float | None:
+    """The planned time of one prefill of ``tokens`` tokens."""
+    floor = prefill_floor_seconds(entry, tokens)
+    return None if floor is None else floor / PREFILL_MFU
+
+
+def decode_step_floor_seconds(entry: Deployment, batch: int, context: int) -> float | None:
+    """One decode step of ``batch`` sequences of ``context`` tokens: every weight an active
+    expert needs, and every sequence's KV cache, read once from HBM."""
+    shape = shape_of(entry)
+    if shape is None:
+        return None
+    per_param = DTYPE_BYTES[entry.model.precision]
+    dense = shape.layer_params(active=True) - _routed_expert_params(shape, active=True)
+    experts = _routed_expert_params(shape, active=False)
+    # Distinct experts that a batch touches, with top-k routing spread evenly.
+    touched = 1.0
+    if shape.num_experts:
+        k = shape.experts_per_token / shape.num_experts
+        touched = 1 - (1 - k) ** batch
+    weights = (dense + experts * touched) * per_param + shape.embedding_params * 2
+    kv = batch * shape.kv_bytes(context, _kv_dtype(entry))
+    return (weights + kv) / hardware_of(entry).bandwidth
+
+
+def decode_step_seconds(entry: Deployment, batch: int, context: int) -> float | None:
+    floor = decode_step_floor_seconds(entry, batch, context)
+    return None if floor is None else floor / DECODE_MBU
+
+
+def _routed_expert_params(shape: Shape, active: bool) -> int:
+    per_expert = 3 * shape.hidden_size * shape.intermediate_size
+    routed = shape.experts_per_token if active else shape.num_experts
+    return len(shape.moe_layers) * routed * per_expert
+
+
+def weight_bytes(entry: Deployment) -> float | None:
+    shape = shape_of(entry)
+    return None if shape is None else shape.weight_bytes(entry.model.precision)
+
+
+def startup_seconds(entry: Deployment) -> float:
+    """The planned time of one server start (weights read, compile, warm-up)."""
+    weights = weight_bytes(entry) or 0.0
+    if entry.serve.load_format == "dummy":
+        weights = 0.0
+    return STARTUP_FIXED_SECONDS + weights / LOAD_BANDWIDTH
+
+
+# -- KV capacity: what vLLM logs against what the shape predicts --------------------------
+
+#: ``max_num_batched_tokens`` of vLLM's OpenAI server when the entry sets none (vLLM 0.26 and
+#: 0.32: 8192 on GPUs, logged as "Chunked prefill is enabled with max_num_batched_tokens";
+#: 2048 on the CPU backend, which does not log it).
+DEFAULT_BATCHED_TOKENS = {"cpu": 2048}
+DEFAULT_BATCHED_TOKENS_GPU = 8192
+#: vLLM's default ``--gpu-memory-utilization``.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+#: The band: logged KV tokens within 1 % of those the logged KV memory holds (whole blocks
+#: per layer group make vLLM's figure a little lower); weights within 5 % of the shape's;
+#: what vLLM keeps back for activations, CUDA graphs and the allocator between 0 and 10 %
+#: of the memory it may use.
+KV_TOKENS_REL = 0.01
+WEIGHTS_REL = 0.05
+OVERHEAD_MAX = 0.10
+
+
+@dataclass(frozen=True)
+class KvPlausibility:
+    """The logged KV capacity against the shape's prediction, and what disagrees."""
+
+    logged_tokens: int
+    predicted_tokens: float
+    kv_memory_bytes: float
+    kv_memory_source: str
+    bytes_per_request: float
+    in_flight_tokens: int
+    weights_bytes: float | None
+    predicted_weights_bytes: float
+    overhead_share: float | None
+    problems: tuple[str, ...]
+
+
+def _kv_memory(entry: Deployment, facts: StartupFacts) -> tuple[float, str]:
+    if facts.kv_memory_bytes is not None:
+        return facts.kv_memory_bytes, "logged"
+    space = entry.serve.env.get("VLLM_CPU_KVCACHE_SPACE")
+    if entry.hardware.gpu == "cpu" and space:
+        return float(space) * 2**30, "VLLM_CPU_KVCACHE_SPACE"
+    raise ValueError("vLLM logged no KV cache memory and the entry sets none")
+
+
+def kv_plausibility(
+    entry: Deployment, facts: StartupFacts, kv: KvCacheInfo, max_model_len: int
+) -> KvPlausibility | None:
+    """Check the KV capacity vLLM logged against the entry's shape and hardware.
+
+    Per GPU: tensor parallelism splits the weights and the KV heads (a head is never split,
+    so at most ``num_kv_heads`` ways); the RoPE table is whole on every GPU. None when the
+    shape is unknown or pipeline parallelism makes the per-GPU split uneven.
+    """
+    shape = shape_of(entry)
+    if shape is None or entry.serve.pipeline_parallel_size > 1:
+        return None
+    tp = entry.serve.tensor_parallel_size
+    gpu = entry.hardware.gpu
+    batched = (
+        facts.max_num_batched_tokens
+        or entry.serve.max_num_batched_tokens
+        or DEFAULT_BATCHED_TOKENS.get(gpu, DEFAULT_BATCHED_TOKENS_GPU)
+    )
+    in_flight = batched * (2 if facts.async_scheduling else 1)
+    per_request = shape.kv_bytes(max_model_len, _kv_dtype(entry), in_flight)
+    per_request /= min(tp, shape.num_kv_heads)
+    kv_memory, source = _kv_memory(entry, facts)
+    predicted = kv_memory / per_request * max_model_len
+    problems = []
+    if abs(kv.tokens - predicted) > KV_TOKENS_REL * predicted:
+        problems.append(
+            f"vLLM logged {kv.tokens:,} KV tokens; {kv_memory / 2**30:.2f} GiB of KV memory "
+            f"({source}) holds {predicted:,.0f} at {per_request / 2**20:.1f} MiB per "
+            f"{max_model_len:,}-token request (band {KV_TOKENS_REL:.0%})"
+        )
+    weights = shape.weight_bytes(entry.model.precision) / tp + shape.rope_cache_bytes
+    overhead = None
+    if gpu != "cpu" and facts.weights_bytes is not None:
+        if abs(facts.weights_bytes - weights) > WEIGHTS_REL * weights:
+            problems.append(
+                f"vLLM loaded {facts.weights_bytes / 2**30:.2f} GiB of weights per GPU; the "
+                f"shape predicts {weights / 2**30:.2f} GiB (band {WEIGHTS_REL:.0%})"
+            )
+        util = (
+            facts.gpu_memory_utilization
+            or entry.serve.gpu_memory_utilization
+            or DEFAULT_GPU_MEMORY_UTILIZATION
+        )
+        budget = util * SPECS[gpu].memory_gib * 2**30
+        overhead = (budget - facts.weights_bytes - kv_memory) / budget
+        if not -0.01 <= overhead <= OVERHEAD_MAX:
+            problems.append(
+                f"of {budget / 2**30:.1f} GiB per GPU ({util:g} x {SPECS[gpu].memory_gib} GiB), "
+                f"weights and KV cache leave {overhead:.1%} for activations and graphs "
+                f"(band 0-{OVERHEAD_MAX:.0%})"
+            )
+    return KvPlausibility(
+        logged_tokens=kv.tokens,
+        predicted_tokens=predicted,
+        kv_memory_bytes=kv_memory,
+        kv_memory_source=source,
+        bytes_per_request=per_request,
+        in_flight_tokens=in_flight,
+        weights_bytes=facts.weights_bytes,
+        predicted_weights_bytes=weights,
+        overhead_share=overhead,
+        problems=tuple(problems),
+    )

@@ -1,0 +1,1 @@
+"""The conformance suites, run with ``pytest --pyargs vllm_conformance.suites``."""
