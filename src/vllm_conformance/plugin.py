@@ -172,13 +172,15 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     leases = settings.resolve(config, "gpu-leases")
     gpu_wait = settings.resolve(config, "gpu-wait")
+    launcher = _ray_launcher(config, progress)
     config.stash[STATE] = State(
         deployments=deployments,
         selected=selected,
         run_dir=run_dir,
         writer=writer,
         worker=worker,
-        launcher=serving.LocalLauncher(
+        launcher=launcher
+        or serving.LocalLauncher(
             detected,
             settings.resolve(config, "startup-timeout"),
             leases=gpu_mod.Leases(Path(leases)) if leases else None,
@@ -199,6 +201,28 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_XdistHooks(run_dir), "vllm-conformance-xdist")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
+def _ray_launcher(config: pytest.Config, progress: Progress) -> serving.Launcher | None:
+    """The Ray launcher, when ``--launcher ray`` asks for it (else None: the local one)."""
+    if settings.resolve(config, "launcher") != "ray":
+        return None
+    address = settings.resolve(config, "ray-address")
+    if not address:
+        raise pytest.UsageError(
+            "--launcher ray needs --ray-address: HOST:PORT of the cluster's head, 'auto' on "
+            "one of its nodes, or ray://HOST:10001"
+        )
+    try:
+        from vllm_conformance.launch import ray as ray_launch
+    except ImportError as exc:
+        raise pytest.UsageError(f"--launcher ray: {exc}") from None
+    return ray_launch.RayLauncher(
+        address,
+        settings.resolve(config, "startup-timeout"),
+        settings.resolve(config, "ray-queue-timeout"),
+        progress,
+    )
 
 
 #: xdist distributions that would split an entry's tests over workers (each its own server).

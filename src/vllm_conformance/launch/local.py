@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -33,6 +34,7 @@ from vllm_conformance.launch import logparse, procs
 from vllm_conformance.launch.endpoint import Endpoint, EndpointError, ServerDiedError, connect
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+LIFELINE_MODULE = "vllm_conformance.launch.lifeline"
 _PORT_IN_USE = ("Address already in use", "address already in use", "Errno 98")
 
 
@@ -41,6 +43,7 @@ class ServerStartError(RuntimeError):
 
     def __init__(self, message: str, reason: logparse.FailureReason | None, log_tail: str):
         super().__init__(f"{message}\n--- last lines of the server log ---\n{log_tail}")
+        self.message = message
         self.reason = reason
         self.log_tail = log_tail
 
@@ -63,6 +66,22 @@ class LaunchSpec:
     host: str = "127.0.0.1"
     startup_timeout: float = 900.0
     python: str = sys.executable
+    #: the module that serves (``vllm_serve`` for what only ``vllm serve`` has: multi-node)
+    module: str = API_SERVER_MODULE
+
+
+def command(spec: LaunchSpec, port: int | None) -> list[str]:
+    """The argv that starts ``spec``'s server (the API key travels in the environment).
+
+    ``port`` None: a process that serves no HTTP (a headless multi-node follower).
+    """
+    cmd = [spec.python, "-m", spec.module, "--model", spec.model]
+    cmd += ["--served-model-name", spec.served_model_name]
+    if spec.tokenizer:
+        cmd += ["--tokenizer", spec.tokenizer]
+    if port is not None:
+        cmd += ["--host", spec.host, "--port", str(port)]
+    return cmd + list(spec.args)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -84,10 +103,17 @@ def tail(path: Path, lines: int = 40) -> str:
 class VllmServer:
     """One vLLM OpenAI-compatible server process group."""
 
-    def __init__(self, spec: LaunchSpec, log_path: Path, port_attempts: int = 3) -> None:
+    def __init__(
+        self, spec: LaunchSpec, log_path: Path, port_attempts: int = 3, lifeline: bool = False
+    ) -> None:
+        """``lifeline``: the server ends itself when this process dies (see
+        :mod:`~vllm_conformance.launch.lifeline`); for launchers that can die without
+        running teardown, such as a Ray actor on a node that fails."""
         self.spec = spec
         self.log_path = log_path
         self.port_attempts = port_attempts
+        self.lifeline = lifeline
+        self._lifeline_fd: int | None = None
         self.tag = uuid.uuid4().hex
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -99,15 +125,13 @@ class VllmServer:
 
     # -- life cycle -------------------------------------------------------------------
 
-    def command(self, port: int) -> list[str]:
-        """The argv that starts the server (the API key travels in the environment)."""
-        spec = self.spec
-        cmd = [spec.python, "-m", API_SERVER_MODULE, "--model", spec.model]
-        cmd += ["--served-model-name", spec.served_model_name]
-        if spec.tokenizer:
-            cmd += ["--tokenizer", spec.tokenizer]
-        cmd += ["--host", spec.host, "--port", str(port), *spec.args]
-        return cmd
+    @property
+    def placement(self) -> dict[str, Any]:
+        """The GPU indices the server is pinned to (None: not pinned here)."""
+        return {"gpus": None if self.spec.gpus is None else list(self.spec.gpus)}
+
+    def command(self, port: int | None) -> list[str]:
+        return command(self.spec, port)
 
     def _environment(self) -> dict[str, str]:
         env = {**os.environ, **self.spec.env, procs.TAG_VAR: self.tag}
@@ -142,18 +166,35 @@ class VllmServer:
         self.startup_seconds = time.monotonic() - began
         return self.endpoint
 
-    def _spawn(self, port: int) -> None:
+    def spawn(self) -> None:
+        """Start a process that serves no HTTP (a headless follower), without waiting."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._spawn(None)
+
+    def _spawn(self, port: int | None) -> None:
+        argv = self.command(port)
+        wrapper: list[str] = []
+        read_end = None
+        if self.lifeline:
+            self._cut_lifeline()
+            read_end, self._lifeline_fd = os.pipe()
+            wrapper = [sys.executable, "-m", LIFELINE_MODULE, str(read_end), "--"]
         with self.log_path.open("ab") as log:
-            log.write(f"$ {' '.join(self.command(port))}\n".encode())
+            log.write(f"$ {' '.join(argv)}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(
-                self.command(port),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self._environment(),
-                start_new_session=True,
-            )
+            try:
+                self.proc = subprocess.Popen(
+                    wrapper + argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=self._environment(),
+                    start_new_session=True,
+                    pass_fds=() if read_end is None else (read_end,),
+                )
+            finally:
+                if read_end is not None:
+                    os.close(read_end)
         self.exit_code = None
         self._exit_watch = threading.Thread(target=self._watch_exit, daemon=True)
         self._exit_watch.start()
@@ -230,8 +271,14 @@ class VllmServer:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             left.append(self.proc.pid)
+        self._cut_lifeline()
         if left:
             raise LeftoverProcessError(f"processes of the vLLM server survived teardown: {left}")
+
+    def _cut_lifeline(self) -> None:
+        if self._lifeline_fd is not None:
+            os.close(self._lifeline_fd)
+            self._lifeline_fd = None
 
     def __enter__(self) -> VllmServer:
         self.start()

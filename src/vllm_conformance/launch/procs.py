@@ -31,13 +31,13 @@ def is_running(pid: int) -> bool:
     return stat is not None and stat[0] != "Z"
 
 
-def tagged_pids(tag: str, session: int | None = None) -> list[int]:
-    """Live processes whose environment holds ``VLLM_CONFORMANCE_TAG=tag``.
+def tagged_pids(tag: str, session: int | None = None, var: str = TAG_VAR) -> list[int]:
+    """Live processes whose environment holds ``var=tag`` (``VLLM_CONFORMANCE_TAG=tag``).
 
     With ``session`` (the server's PID: it leads its own session), processes of that
     session count too, in case one rewrote its environment.
     """
-    needle = f"{TAG_VAR}={tag}".encode()
+    needle = f"{var}={tag}".encode()
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -65,12 +65,16 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
 
 
-def _wait_gone(tag: str, session: int, timeout: float) -> list[int]:
+def _wait_gone(
+    tag: str, session: int | None, timeout: float, var: str = TAG_VAR, spare: int | None = None
+) -> list[int]:
     deadline = time.monotonic() + timeout
-    while (left := tagged_pids(tag, session)) and time.monotonic() < deadline:
+    while True:
+        left = [pid for pid in tagged_pids(tag, session, var) if pid != spare]
+        if not left or time.monotonic() >= deadline:
+            return left
         # /proc offers no wait primitive for non-children; poll at a short interval.
         time.sleep(0.1)
-    return left
 
 
 def end_process_group(pgid: int, tag: str, grace: float = 20.0) -> list[int]:
@@ -86,4 +90,24 @@ def end_process_group(pgid: int, tag: str, grace: float = 20.0) -> list[int]:
             os.killpg(pgid, signal.SIGKILL)
         _signal_all(tagged_pids(tag, pgid), signal.SIGKILL)
         left = _wait_gone(tag, pgid, 10.0)
+    return left
+
+
+def end_tagged(
+    tag: str,
+    var: str = TAG_VAR,
+    grace: float = 20.0,
+    session: int | None = None,
+    spare: int | None = None,
+) -> list[int]:
+    """SIGTERM every process carrying ``var=tag`` (and of ``session``), SIGKILL what is left
+    after ``grace`` seconds; ``spare`` (the caller itself) is left alone.
+
+    Returns the PIDs that survived (an empty list is success).
+    """
+    _signal_all(_wait_gone(tag, session, 0, var, spare), signal.SIGTERM)
+    left = _wait_gone(tag, session, grace, var, spare)
+    if left:
+        _signal_all(left, signal.SIGKILL)
+        left = _wait_gone(tag, session, 10.0, var, spare)
     return left

@@ -19,7 +19,7 @@ import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from vllm_conformance import models
 from vllm_conformance.launch import gpus as gpu_mod
@@ -31,6 +31,7 @@ from vllm_conformance.launch.local import (
     VllmServer,
     tail,
 )
+from vllm_conformance.launch.logparse import KvCacheInfo
 from vllm_conformance.matrix import Deployment
 from vllm_conformance.perf import estimate
 from vllm_conformance.progress import Progress
@@ -61,9 +62,13 @@ def api_key(entry: Deployment) -> str | None:
 
 
 def launch_spec(
-    entry: Deployment, gpus: Sequence[int] | None, startup_timeout: float
+    entry: Deployment,
+    gpus: Sequence[int] | None,
+    startup_timeout: float,
+    key: str | None = None,
 ) -> LaunchSpec:
-    """The :class:`LaunchSpec` that serves ``entry`` on ``gpus``."""
+    """The :class:`LaunchSpec` that serves ``entry`` on ``gpus`` (with API key ``key``, if
+    the entry has one: default :func:`api_key`)."""
     tokenizer = entry.model.tokenizer
     if tokenizer and Path(tokenizer).exists():
         tokenizer = str(Path(tokenizer).resolve())
@@ -74,9 +79,38 @@ def launch_spec(
         args=entry.serve.argv(),
         env=dict(entry.serve.env),
         gpus=gpus,
-        api_key=api_key(entry),
+        api_key=key if key is not None else api_key(entry),
         startup_timeout=startup_timeout,
     )
+
+
+class Server(Protocol):
+    """What the ``server`` fixture needs of a launched server, wherever it runs
+    (:class:`VllmServer` here; :class:`~vllm_conformance.launch.ray.RayServer` on a cluster).
+    """
+
+    log_path: Path
+    port: int | None
+    startup_seconds: float | None
+    kv_cache: KvCacheInfo | None
+
+    @property
+    def endpoint(self) -> Endpoint: ...
+
+    @property
+    def placement(self) -> dict[str, Any]:
+        """Where it runs (GPUs, nodes, the wait for them), for the run's records."""
+        ...
+
+    def command(self, port: int | None) -> list[str]: ...
+
+    def start(self) -> Endpoint: ...
+
+    def stop(self, grace: float = 20.0) -> None: ...
+
+    def alive(self) -> bool: ...
+
+    def death_message(self) -> str: ...
 
 
 class Launcher(Protocol):
@@ -86,8 +120,12 @@ class Launcher(Protocol):
         """Why ``entry`` cannot run with this launcher (e.g. missing GPUs), or None."""
         ...
 
-    def server(self, entry: Deployment, log_path: Path) -> VllmServer:
+    def server(self, entry: Deployment, log_path: Path) -> Server:
         """The (not yet started) server of ``entry``, logging to ``log_path``."""
+        ...
+
+    def close(self) -> None:
+        """End whatever the launcher still holds (at the end of the session)."""
         ...
 
 
@@ -118,6 +156,8 @@ class LocalLauncher:
         self.owner = owner
 
     def unavailable(self, entry: Deployment) -> str | None:
+        if entry.hardware.nodes > 1:
+            return f"spans {entry.hardware.nodes} nodes: run it with --launcher ray"
         return gpu_mod.unavailable(entry, self.gpus)
 
     def startup_timeout_for(self, entry: Deployment) -> float:
@@ -144,6 +184,9 @@ class LocalLauncher:
         with self.progress.phase(entry.id, "waiting for GPUs") as wait:
             wait.note(got)
             return self.leases.acquire(entry, self.gpus, self.owner, self.gpu_wait, wait.note)
+
+    def close(self) -> None:
+        """Nothing to do: every server is stopped by its fixture."""
 
 
 class LeasedServer(VllmServer):

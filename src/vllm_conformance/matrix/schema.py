@@ -80,15 +80,25 @@ class Model(_Strict):
 
 
 class Hardware(_Strict):
-    """Where it runs: GPU kind and how many of them the deployment needs."""
+    """Where it runs: GPU kind, how many of them the deployment needs, over how many nodes."""
 
     gpu: GpuKind
-    count: int = Field(1, ge=1)
+    count: int = Field(1, ge=1, description="GPUs of the whole deployment, all nodes together")
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="nodes one deployment spans (vLLM's --nnodes; needs --launcher ray)",
+    )
 
     @model_validator(mode="after")
     def _cpu_has_no_count(self) -> Hardware:
         if self.gpu == "cpu" and self.count != 1:
             raise ValueError("a cpu deployment has count 1")
+        if self.gpu != "cpu" and self.count % self.nodes:
+            raise ValueError(
+                f"hardware.count ({self.count}) does not split evenly over hardware.nodes "
+                f"({self.nodes}): vLLM runs the same number of GPUs on every node"
+            )
         return self
 
 
@@ -384,10 +394,20 @@ class Deployment(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Deployment:
         gpus = self.serve.tensor_parallel_size * self.serve.pipeline_parallel_size
-        if self.hardware.gpu != "cpu" and gpus > self.hardware.count:
+        hw = self.hardware
+        if hw.gpu != "cpu" and gpus > hw.count:
             raise ValueError(
-                f"tensor x pipeline parallel size is {gpus} but hardware.count is "
-                f"{self.hardware.count}"
+                f"tensor x pipeline parallel size is {gpus} but hardware.count is {hw.count}"
+            )
+        if hw.nodes > 1 and gpus % hw.nodes:
+            raise ValueError(
+                f"tensor x pipeline parallel size ({gpus}) is not a multiple of hardware.nodes "
+                f"({hw.nodes}): vLLM gives every node the same number of ranks"
+            )
+        if hw.nodes > 1 and hw.gpu != "cpu" and gpus != hw.count:
+            raise ValueError(
+                f"a deployment over {hw.nodes} nodes runs one rank per GPU: tensor x pipeline "
+                f"parallel size is {gpus}, hardware.count {hw.count}"
             )
         cap = self.serve.max_new_tokens
         if cap is not None and cap > self.serve.max_model_len:

@@ -32,6 +32,12 @@ class Option:
         return "vllm_conformance_" + self.name.replace("-", "_")
 
 
+def launcher_kind(value: str) -> str:
+    if value not in ("local", "ray"):
+        raise ValueError("choose 'local' or 'ray'")
+    return value
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(
         "matrix",
@@ -58,6 +64,26 @@ OPTIONS: tuple[Option, ...] = (
         "server-log",
         "VLLM_CONFORMANCE_SERVER_LOG",
         "startup log of the --endpoint server: its KV capacity is then checked too",
+    ),
+    Option(
+        "launcher",
+        "VLLM_CONFORMANCE_LAUNCHER",
+        "where servers run: 'local' (this machine) or 'ray' (a Ray cluster, --ray-address)",
+        default="local",
+        convert=launcher_kind,
+    ),
+    Option(
+        "ray-address",
+        "VLLM_CONFORMANCE_RAY_ADDRESS",
+        "the Ray cluster of --launcher ray: HOST:PORT of its head, 'auto' on one of its "
+        "nodes, or ray://HOST:10001 (Ray Client)",
+    ),
+    Option(
+        "ray-queue-timeout",
+        "VLLM_CONFORMANCE_RAY_QUEUE_TIMEOUT",
+        "seconds an entry waits for its place on the Ray cluster before it fails",
+        default=3600.0,
+        convert=float,
     ),
     Option("reports-dir", "VLLM_CONFORMANCE_REPORTS", "where run reports go", default="reports"),
     Option("run-id", "VLLM_CONFORMANCE_RUN_ID", "name of this run's report directory"),
