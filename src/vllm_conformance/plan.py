@@ -429,25 +429,37 @@ def versus(records: Sequence[Mapping[str, Any]]) -> list[Versus]:
     return rows
 
 
-def render_versus(rows: Sequence[Versus]) -> str:
-    """Planned against measured as Markdown (what a summary view shows)."""
-    if not rows:
-        return ""
+VERSUS_HEADERS = (
+    "entry", "planned", "measured", "measured / planned", "server start planned / measured",
+    "full prefills planned / measured", "GPU wait",
+)  # fmt: skip
+
+
+def versus_cells(row: Mapping[str, Any]) -> list[str]:
+    """One row of the planned-against-measured table (a :class:`Versus` as a dict)."""
 
     def t(value: float | None) -> str:
         return "-" if value is None else duration(value)
 
+    planned, measured = row.get("planned_s"), row.get("measured_s")
+    ratio = "-" if not planned or measured is None else f"{measured / planned:.2f}"
+    counted = row.get("measured_prefills")
+    wait = row.get("gpu_wait_s") or 0
+    return [
+        str(row["entry"]), t(planned), t(measured), ratio,
+        f"{t(row.get('planned_start_s'))} / {t(row.get('measured_start_s'))}",
+        f"{row.get('planned_prefills')} / {'-' if counted is None else counted}",
+        t(wait) if wait else "-",
+    ]  # fmt: skip
+
+
+def render_versus(rows: Sequence[Versus]) -> str:
+    """Planned against measured as Markdown (the terminal summary and ``plan --against``)."""
+    if not rows:
+        return ""
     lines = [
-        "| entry | planned | measured | measured / planned | server start planned / measured "
-        "| full prefills planned / measured | GPU wait |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(VERSUS_HEADERS) + " |",
+        "|---|" + "---:|" * (len(VERSUS_HEADERS) - 1),
     ]
-    for r in rows:
-        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
-        counted = "-" if r.measured_prefills is None else str(r.measured_prefills)
-        lines.append(
-            f"| {r.entry} | {t(r.planned_s)} | {t(r.measured_s)} | {ratio} "
-            f"| {t(r.planned_start_s)} / {t(r.measured_start_s)} "
-            f"| {r.planned_prefills} / {counted} | {t(r.gpu_wait_s) if r.gpu_wait_s else '-'} |"
-        )
+    lines += ["| " + " | ".join(versus_cells(asdict(r))) + " |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from vllm_conformance.report import RecordWriter
+from vllm_conformance.report.records import RecordWriter
 
 #: Seconds between two lines of one phase (progress or heartbeat).
 DEFAULT_INTERVAL_S = 60.0

@@ -11,6 +11,7 @@ import html
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from vllm_conformance import plan
 from vllm_conformance.report import tables
 from vllm_conformance.report.model import verdict_class
 
@@ -136,6 +137,15 @@ def render_report(report: dict[str, Any]) -> str:
                 [[_e(cell) for cell in row] for row in accuracy],
                 [verdict_class(row[-1]) for row in accuracy],
                 numeric=(4, 5, 6, 7),
+            )
+        )
+    if report.get("plan"):
+        parts.append("<h2>Planned against measured</h2>")
+        parts.append(
+            _table(
+                plan.VERSUS_HEADERS,
+                [[_e(c) for c in plan.versus_cells(row)] for row in report["plan"]],
+                numeric=tuple(range(1, len(plan.VERSUS_HEADERS))),
             )
         )
     for name, entry in entries:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_conformance import verdicts
+from vllm_conformance import plan, verdicts
 from vllm_conformance.report.tables import (
     ACCURACY_HEADERS,
     accuracy_rows,
@@ -75,6 +75,15 @@ def summary_markdown(report: dict[str, Any]) -> str:
             flags = " ".join(f"{k}" if v is True else f"{k} {v}" for k, v in args.items())
             out.append(f"- `{name}`: `{flags}`")
     out += accuracy_markdown(report)
+    if report.get("plan"):
+        out += [
+            "",
+            "## Planned against measured",
+            "",
+            "| " + " | ".join(plan.VERSUS_HEADERS) + " |",
+            "|---|" + "---:|" * (len(plan.VERSUS_HEADERS) - 1),
+            *("| " + " | ".join(plan.versus_cells(row)) + " |" for row in report["plan"]),
+        ]
     for name, entry in sorted(report.get("entries", {}).items()):
         if not entry.get("checks"):
             continue

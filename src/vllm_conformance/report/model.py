@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from vllm_conformance import plan
 from vllm_conformance.report.records import read_records
 
 SCHEMA_VERSION = 1
@@ -126,6 +128,7 @@ def build_report(
         )
     if records:
         report["finished"] = max(r.get("time", 0) for r in records)
+    report["plan"] = [asdict(row) for row in plan.versus(records)]
     if build is not None:
         report["build"] = build
     return report
