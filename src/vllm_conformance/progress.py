@@ -27,9 +27,11 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vllm_conformance.report.records import RecordWriter
+if TYPE_CHECKING:
+    # Only the type: the report's views show the plan, whose times this module formats.
+    from vllm_conformance.report.records import RecordWriter
 
 #: Seconds between two lines of one phase (progress or heartbeat).
 DEFAULT_INTERVAL_S = 60.0
