@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -73,19 +70,3 @@ def test_fewer_layers_and_experts() -> None:
 
 def test_recipe_is_registered() -> None:
     assert "scout-shaped" in models.RECIPES
-
-
-def test_old_module_paths_still_import_and_say_where_they_went() -> None:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        from vllm_conformance import tinymodel  # type: ignore[attr-defined]
-    assert tinymodel.__name__ == "vllm_conformance.models.tiny"
-    assert any("moved to vllm_conformance.models.tiny" in str(w.message) for w in caught)
-    out = subprocess.run(
-        [sys.executable, "-m", "vllm_conformance.tinymodel", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0
-    assert "moved to vllm_conformance.models.tiny" in out.stderr
