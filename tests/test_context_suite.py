@@ -60,7 +60,7 @@ MATRIX = {
     ]
 }  # fmt: skip
 
-# Stops the engine core of the served entry for the duration of one test.
+# Stops the engine core of the served entry (found by the launcher's tag) for one test.
 STALL_PLUGIN = textwrap.dedent(
     f"""
     import os
@@ -69,24 +69,18 @@ STALL_PLUGIN = textwrap.dedent(
 
     import pytest
 
-
-    def _engine_of(api_pid):
-        for proc in Path("/proc").iterdir():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                title = (proc / "cmdline").read_bytes()
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == api_pid and title.startswith(b"VLLM::EngineCore"):
-                return int(proc.name)
-        raise AssertionError(f"no engine core under {{api_pid}}")
+    from vllm_conformance.launch import procs
 
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(item):
         if item.name != {STALLED!r}:
             return (yield)
-        engine = _engine_of(item.funcargs["endpoint"].server.proc.pid)
+        server = item.funcargs["endpoint"].server
+        (engine,) = [
+            pid for pid in procs.tagged_pids(server.tag, session=server.proc.pid)
+            if Path(f"/proc/{{pid}}/cmdline").read_bytes().startswith(b"VLLM::EngineCore")
+        ]
         os.kill(engine, signal.SIGSTOP)
         try:
             return (yield)

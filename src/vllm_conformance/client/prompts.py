@@ -141,20 +141,25 @@ def completion_text(tokenizer: Any, n: int, seed: int = 0) -> str:
 @lru_cache(maxsize=_CACHE)
 def _chat(
     tokenizer: Any, n: int, seed: int, history: tuple[tuple[str, str], ...]
-) -> tuple[tuple[str, str], ...]:
+) -> tuple[tuple[tuple[str, str], ...], tuple[int, ...]]:
+    """(role, content) pairs of the messages, and their tokens with the template."""
+
     def messages(words: int) -> Messages:
         content = ANCHOR + tokenizer.decode(_words(tokenizer, seed, words))
-        return [
-            *({"role": r, "content": c} for r, c in history),
-            {"role": "user", "content": content},
-        ]
+        earlier = [{"role": r, "content": c} for r, c in history]
+        return [*earlier, {"role": "user", "content": content}]
 
     # Each word is one token wherever it stands, so the count grows one per word.
     words = n - chat_token_count(tokenizer, messages(0))
     built = messages(words)
-    if words < 0 or chat_token_count(tokenizer, built) != n:
+    ids = chat_ids(tokenizer, built)
+    if words < 0 or len(ids) != n:
         raise PromptBuildError(f"could not build a chat prompt of exactly {n} tokens")
-    return tuple((m["role"], m["content"]) for m in built)
+    return tuple((m["role"], m["content"]) for m in built), tuple(ids)
+
+
+def _history_key(history: Sequence[dict[str, str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((m["role"], m["content"]) for m in history)
 
 
 def chat_messages(
@@ -165,5 +170,12 @@ def chat_messages(
     Without history, the request's tokens are :func:`token_ids` of the same seed up to the
     template's closing tokens.
     """
-    key = tuple((m["role"], m["content"]) for m in history)
-    return [{"role": r, "content": c} for r, c in _chat(tokenizer, n, seed, key)]
+    pairs = _chat(tokenizer, n, seed, _history_key(history))[0]
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+def chat_prompt_ids(
+    tokenizer: Any, n: int, seed: int = 0, history: Sequence[dict[str, str]] = ()
+) -> list[int]:
+    """The tokens of :func:`chat_messages` (as counted when it was built)."""
+    return list(_chat(tokenizer, n, seed, _history_key(history))[1])
