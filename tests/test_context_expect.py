@@ -110,3 +110,14 @@ def test_every_seed_floor_names_version_and_length() -> None:
         c = entry.expect.context
         for floor in c.min_kv_cache_tokens if c else []:
             assert floor.max_model_len == entry.serve.max_model_len, entry.id
+
+
+def test_a_known_issue_can_hold_for_a_vllm_range() -> None:
+    from vllm_conformance.matrix import KnownIssue
+
+    issue = KnownIssue(test="test_x[*]", reason="r", source="s", vllm="==0.32.0")
+    assert issue.holds_for("0.32.0") and not issue.holds_for("0.30.0")
+    assert not issue.holds_for(None)
+    assert KnownIssue(test="t", reason="r", source="s").holds_for(None)
+    with pytest.raises(ValidationError, match="not a PEP 440 version range"):
+        KnownIssue(test="t", reason="r", source="s", vllm="0.32")

@@ -191,7 +191,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if not isinstance(entry, Deployment):
             continue
         for issue in entry.expect.known_issues:
-            if issue.matches(item.name):
+            if issue.vllm is None and issue.matches(item.name):
                 item.add_marker(
                     pytest.mark.xfail(strict=True, reason=f"{issue.reason} ({issue.source})")
                 )

@@ -400,12 +400,26 @@ class KnownIssue(_Strict):
 
     The test still runs: while vLLM behaves as recorded it is reported as an expected
     failure; the day it is fixed the test passes unexpectedly and fails the run, so the
-    entry is updated instead of a finding silently going stale.
+    entry is updated instead of a finding silently going stale. With ``vllm`` it is an
+    expected failure only where the served version is in that range (tests that take the
+    ``endpoint`` fixture, once the server has said its version).
     """
 
     test: str = Field(description="test name, '*' matching anything: 'test_bad_input[*-x]'")
     reason: str
     source: str
+    vllm: str | None = Field(None, description="PEP 440 range of vLLM versions it holds for")
+
+    @field_validator("vllm")
+    @classmethod
+    def _range(cls, value: str | None) -> str | None:
+        if value is not None:
+            versions.specifier_set(value)
+        return value
+
+    def holds_for(self, version: str | None) -> bool:
+        """Whether the issue is one of vLLM ``version`` (an unknown version: no)."""
+        return self.vllm is None or (version is not None and versions.contains(self.vllm, version))
 
     def matches(self, test_name: str) -> bool:
         """Whether ``test_name`` (with its parameters) is one this issue names."""
