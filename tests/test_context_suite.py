@@ -183,7 +183,7 @@ def test_at_most_three_full_prefills(run: tuple[Path, list[dict[str, Any]], str]
     assert measured["full_prefills"] <= 3
     assert measured["long_requests"] >= 25
     # Reuse, proven by vLLM's own counters: most long prompt tokens came from the cache.
-    assert measured["cached_tokens"] > 10 * LIMIT, measured
+    assert measured["cached_tokens"] > 8 * LIMIT, measured
     (concurrent,) = [r for r in measured["requests"] if r["check"] == "concurrent_near_max"]
     assert concurrent["requests"] == 3 and concurrent["full_prefills"] == 2
 

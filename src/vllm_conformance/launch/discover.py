@@ -120,7 +120,7 @@ class _Starts:
         try:
             server.start()
         except ServerStartError as exc:
-            lines = exc.log_tail.splitlines()
+            lines = log.read_text(errors="replace").splitlines()
             reason = exc.reason
             attempt = Attempt(
                 length,

@@ -534,7 +534,7 @@ def test_expected_startup_failure(
                 "reason": kind,
                 "line": exc.reason.line if exc.reason else None,
                 "estimated_max_model_len": logparse.estimated_max_model_len(
-                    exc.log_tail.splitlines()
+                    srv.log_path.read_text(errors="replace").splitlines()
                 ),
             },
             expected={"reasons": ctx.failure_reasons},
