@@ -42,7 +42,8 @@ deployments:
     model: {{family: tiny, precision: bf16, generate: tiny-llama4, served_model_name: tiny-llama4,
             options: {{max_position_embeddings: 65536}}}}
     hardware: {{gpu: cpu}}
-    serve: {{max_model_len: 4096, max_num_seqs: 2,
+    # No torch.compile: a start that vLLM refuses for KV memory ends right after loading.
+    serve: {{max_model_len: 4096, max_num_seqs: 2, compilation_config: {{mode: 0}},
             extra_args: ["--kv-cache-memory-bytes", "{KV_BYTES}"]}}   # flow style, kept
     expect:
       context: {{source: self-test}}
