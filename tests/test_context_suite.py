@@ -52,7 +52,7 @@ MATRIX = {
                       "served_model_name": "tiny-llama4",
                       "options": {"max_position_embeddings": 65536}},
             "hardware": {"gpu": "cpu"},
-            "serve": {"max_model_len": 2048, "max_num_seqs": 2,
+            "serve": {"max_model_len": 2048, "max_num_seqs": 2, "compilation_config": {"mode": 0},
                       "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
             "expect": {"context": {"startup": "fails", "failure_reasons": ["kv_cache"],
                                    "source": "self-test: measured as OOM on vLLM 0.8.3"}},
