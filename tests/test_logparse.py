@@ -6,6 +6,7 @@ import pytest
 
 from vllm_conformance.launch.logparse import (
     KvCacheInfo,
+    estimated_max_model_len,
     failure_reason,
     parse_kv_cache,
     startup_complete,
@@ -106,3 +107,20 @@ def test_validation_error_reports_vllms_explanation() -> None:
     reason = failure_reason(lines)
     assert reason is not None and reason.kind == "other"
     assert reason.line.startswith("User-specified max_model_len (20000000)")
+
+
+# Verbatim from vLLM 0.32.0 CPU refusing --max-model-len 32768 for the tiny Llama 4 (hybrid:
+# chunked local plus global layers) with --num-gpu-blocks-override 100, in this project.
+HYBRID_REFUSAL = (
+    "(EngineCore pid=2511) ERROR 12-07 08:40:02 [core.py:1510] ValueError: To serve at least one "
+    "request with the model's max seq len (32768), (0.03 GiB KV cache is needed, which is larger "
+    "than the available KV cache memory (0.01 GiB). Based on the available memory, the estimated "
+    "maximum model length is 3072. Try increasing `gpu_memory_utilization` (which also controls "
+    "CPU memory on the CPU backend) or decreasing `max_model_len` when initializing the engine."
+)
+
+
+def test_estimated_max_model_len() -> None:
+    lines = ["INFO loading weights", HYBRID_REFUSAL, "RuntimeError: Engine core initialization"]
+    assert estimated_max_model_len(lines) == 3072
+    assert estimated_max_model_len(CPU_0_32.splitlines()) is None

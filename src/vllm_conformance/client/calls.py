@@ -74,7 +74,7 @@ def summarize_request(path: str, body: dict[str, Any]) -> dict[str, Any]:
     return {"path": path, **_summarize(body)}
 
 
-def _read_stream(response: httpx.Response, outcome: Outcome) -> None:
+def _read_stream(response: httpx.Response, outcome: Outcome, first_token: bool) -> None:
     pieces: list[str] = []
     for line in response.iter_lines():
         data = sse.data_of(line)
@@ -91,11 +91,21 @@ def _read_stream(response: httpx.Response, outcome: Outcome) -> None:
         for choice in chunk.get("choices", []):
             pieces.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
             outcome.finish_reason = choice.get("finish_reason") or outcome.finish_reason
+        if first_token and chunk.get("choices"):
+            outcome.extra["closed_after_first_token"] = True
+            break
     outcome.text = "".join(pieces)
 
 
-def post(http: httpx.Client, path: str, body: dict[str, Any]) -> Outcome:
-    """POST ``body`` to ``path``; streams when ``body["stream"]`` is true."""
+def post(http: httpx.Client, path: str, body: dict[str, Any], first_token: bool = False) -> Outcome:
+    """POST ``body`` to ``path``; streams when ``body["stream"]`` is true.
+
+    With ``first_token`` (streams only) the stream is closed as soon as the first generated
+    token arrives: vLLM then aborts the request, so a check that a long generation is
+    *accepted* costs one decode step, not all of them.
+    """
+    if first_token and not body.get("stream"):
+        raise ValueError("first_token needs a streamed request")
     if body.get("stream"):
         body = {**body, "stream_options": {"include_usage": True}}
         with http.stream("POST", path, json=body) as response:
@@ -105,7 +115,7 @@ def post(http: httpx.Client, path: str, body: dict[str, Any]) -> Outcome:
                 outcome.error = parse_error(response.status_code, response.content)
                 outcome.body_excerpt = response.text[:500]
             else:
-                _read_stream(response, outcome)
+                _read_stream(response, outcome, first_token)
             return outcome
     response = http.post(path, json=body)
     outcome = Outcome(response.status_code, body_excerpt=response.text[:500])

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+_ESTIMATED_LEN = re.compile(r"estimated maximum model length is (\d+)")
 _KV_SIZE = re.compile(r"(?:(\w+) )?KV cache size: ([\d,]+) tokens")
 _CONCURRENCY = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
 _STARTUP_COMPLETE = "Application startup complete"
@@ -21,7 +22,7 @@ _STARTUP_COMPLETE = "Application startup complete"
 #: failure kind -> patterns that identify it in a log (newest wording first).
 FAILURE_PATTERNS: dict[str, tuple[re.Pattern[str], ...]] = {
     "kv_cache": (
-        re.compile(r"estimated maximum model length is (\d+)"),
+        _ESTIMATED_LEN,
         re.compile(r"larger than the maximum number of tokens that can be stored in KV cache"),
         re.compile(r"No available memory for the cache blocks"),
         re.compile(r"KV cache (?:space|memory) .*(?:insufficient|not enough|too small)", re.I),
@@ -67,6 +68,20 @@ def parse_kv_cache(lines: Iterable[str]) -> KvCacheInfo | None:
     if tokens is None:
         return None
     return KvCacheInfo(device, tokens, conc_tokens, conc)
+
+
+def estimated_max_model_len(lines: Iterable[str]) -> int | None:
+    """The longest ``max_model_len`` that vLLM, refusing a start, says its KV memory holds.
+
+    vLLM finds it by binary search over its own per-request KV accounting, so for hybrid
+    layouts (chunked local plus global layers) it is the real one-request capacity, unlike
+    the "KV cache size" figure a successful start prints (last one wins).
+    """
+    found = None
+    for line in lines:
+        if m := _ESTIMATED_LEN.search(line):
+            found = int(m.group(1))
+    return found
 
 
 def startup_complete(lines: Iterable[str]) -> bool:

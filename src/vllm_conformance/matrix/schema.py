@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -22,6 +23,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from vllm_conformance.matrix import versions
 
 GpuKind = Literal["cpu", "a100", "h100", "h200", "b200"]
 Precision = Literal["bf16", "fp16", "fp8", "fp4", "int4"]
@@ -171,6 +174,70 @@ class KvCacheRatio(_Strict):
     source: str
 
 
+class ExpectationError(ValueError):
+    """No expectation of an entry applies to what is served (e.g. no range holds its version)."""
+
+
+class ForVllm(_Strict):
+    """An expectation that holds for a range of vLLM versions, with where it comes from."""
+
+    vllm: str = Field(description="PEP 440 range of vLLM versions, e.g. '>=0.32' or '==0.26.0'")
+    source: str
+
+    @field_validator("vllm")
+    @classmethod
+    def _range(cls, value: str) -> str:
+        versions.specifier_set(value)
+        return value
+
+    def holds_for(self, version: str) -> bool:
+        return versions.contains(self.vllm, version)
+
+
+Policy = Literal["reject", "clamp"]
+
+
+class OverflowPolicy(ForVllm):
+    """How the server answers a fitting prompt whose ``max_tokens`` overshoots the limit."""
+
+    policy: Policy
+
+
+class KvFloor(ForVllm):
+    """A KV capacity ("KV cache size: N tokens") measured on ``vllm`` at ``max_model_len``.
+
+    Both are part of the floor: the same flags give other capacities on other vLLM
+    versions, and for hybrid (chunked local plus global) layouts vLLM's figure moves with
+    ``--max-model-len``, so a floor only applies where both match what is served.
+    """
+
+    tokens: PositiveInt
+    max_model_len: TokenCount = Field(description="the --max-model-len it was measured at")
+
+    @field_validator("max_model_len", mode="before")
+    @classmethod
+    def _suffixes(cls, value: Any) -> Any:
+        return parse_token_count(value) if isinstance(value, str) else value
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The expectation that applies to one served version, for the report."""
+
+    value: Any
+    vllm: str | None = None  # None: the expectation holds for every version
+    source: str = ""
+
+    def as_record(self) -> dict[str, Any]:
+        return {"value": self.value, "vllm": self.vllm or "any", "source": self.source}
+
+
+def _disjoint(items: list[ForVllm], what: str) -> None:
+    if clash := versions.overlap([i.vllm for i in items]):
+        a, b, version = clash
+        raise ValueError(f"{what}: the ranges {a!r} and {b!r} both hold for vLLM {version}")
+
+
 class ContextExpect(_Strict):
     """What the context suite checks: the promised length and the KV capacity."""
 
@@ -179,21 +246,82 @@ class ContextExpect(_Strict):
     failure_reasons: list[Literal["kv_cache", "oom"]] = Field(
         default_factory=list, description="accepted reasons when startup is expected to fail"
     )
-    min_kv_cache_tokens: PositiveInt | None = None
-    overflow_policy: Literal["reject", "clamp"] = Field(
-        "reject",
-        description="what the server does when prompt + max_tokens exceeds max_model_len",
+    min_kv_cache_tokens: list[KvFloor] = Field(
+        default_factory=list, description="KV capacity floors, each for a vLLM range"
+    )
+    overflow_policy: Policy | list[OverflowPolicy] | None = Field(
+        None,
+        description="what the server does when prompt + max_tokens exceeds max_model_len: "
+        "one policy for every version, or one per vLLM range; unset: observed, not judged",
     )
     max_concurrent_checks: int = Field(
-        4, ge=1, description="cap on the concurrent near-maximum requests of the KV check"
+        3, ge=1, description="cap on the concurrent near-maximum requests of the KV check"
+    )
+    full_prefill_budget: int = Field(
+        3,
+        ge=1,
+        description="most full-length prefills the context suite may cost (project goal: 3)",
     )
     kv_cache_ratio: KvCacheRatio | None = None
 
+    @field_validator("min_kv_cache_tokens", mode="before")
+    @classmethod
+    def _floors_say_where_from(cls, value: Any) -> Any:
+        if isinstance(value, (int, str)):
+            raise ValueError(
+                "a KV floor names the vLLM version and max_model_len it was measured at: "
+                "[{tokens: N, vllm: '==0.32.0', max_model_len: M, source: ...}]"
+            )
+        return value
+
     @model_validator(mode="after")
-    def _reason_iff_fails(self) -> ContextExpect:
+    def _consistent(self) -> ContextExpect:
         if (self.startup == "fails") != bool(self.failure_reasons):
             raise ValueError("'failure_reasons' are given exactly when startup is 'fails'")
+        if isinstance(self.overflow_policy, list):
+            if not self.overflow_policy:
+                raise ValueError("'overflow_policy' lists at least one vLLM range")
+            _disjoint(list(self.overflow_policy), "overflow_policy")
+        for length in {f.max_model_len for f in self.min_kv_cache_tokens}:
+            same = [f for f in self.min_kv_cache_tokens if f.max_model_len == length]
+            _disjoint(list(same), f"min_kv_cache_tokens at max_model_len {length}")
+        if self.max_concurrent_checks > self.full_prefill_budget:
+            raise ValueError(
+                f"max_concurrent_checks {self.max_concurrent_checks} costs that many full "
+                f"prefills, more than full_prefill_budget {self.full_prefill_budget}"
+            )
         return self
+
+    def policy_for(self, version: str | None) -> Applied | None:
+        """The overflow policy declared for vLLM ``version`` (None: none is declared)."""
+        declared = self.overflow_policy
+        if declared is None:
+            return None
+        if isinstance(declared, str):
+            return Applied(declared, None, self.source)
+        ranges = ", ".join(repr(p.vllm) for p in declared)
+        if version is None:
+            raise ExpectationError(
+                f"the served vLLM version is unknown (/version did not answer), so no "
+                f"overflow_policy applies (declared for {ranges})"
+            )
+        for item in declared:
+            if item.holds_for(version):
+                return Applied(item.policy, item.vllm, item.source)
+        raise ExpectationError(f"no overflow_policy for vLLM {version} (declared for {ranges})")
+
+    def kv_floor(self, version: str | None, max_model_len: int) -> KvFloor | None:
+        """The KV floor measured on this vLLM range at this ``max_model_len``, if any."""
+        if version is None:
+            return None
+        return next(
+            (
+                f
+                for f in self.min_kv_cache_tokens
+                if f.max_model_len == max_model_len and f.holds_for(version)
+            ),
+            None,
+        )
 
 
 class AccuracyExpect(_Strict):
@@ -320,6 +448,9 @@ class KnownIssue(_Strict):
     showed) only that finding is expected: a test that reports its findings (the fuzzer
     does) fails on any other finding, and on a known one that no longer shows. Without
     one, any failure of the named tests is expected.
+
+    With ``vllm`` it is an expected failure only where the served version is in that range
+    (of tests that take the ``endpoint`` fixture, once the server has said its version).
     """
 
     test: str = Field(description="test name, '*' matching anything: 'test_bad_input[*-x]'")
@@ -335,6 +466,18 @@ class KnownIssue(_Strict):
     )
     reason: str
     source: str
+    vllm: str | None = Field(None, description="PEP 440 range of vLLM versions it holds for")
+
+    @field_validator("vllm")
+    @classmethod
+    def _range(cls, value: str | None) -> str | None:
+        if value is not None:
+            versions.specifier_set(value)
+        return value
+
+    def holds_for(self, version: str | None) -> bool:
+        """Whether the issue is one of vLLM ``version`` (an unknown version: no)."""
+        return self.vllm is None or (version is not None and versions.contains(self.vllm, version))
 
     @field_validator("message")
     @classmethod
@@ -351,6 +494,11 @@ class KnownIssue(_Strict):
         if self.replay and not self.has_signature:
             raise ValueError("a 'replay' is matched by the signature: give status, error_type "
                              "or message")  # fmt: skip
+        if self.vllm is not None and self.has_signature:
+            raise ValueError(
+                "an issue of a vLLM range has no signature (status, error_type, message): "
+                "it marks the named tests once the version is known"
+            )
         return self
 
     @property

@@ -28,11 +28,22 @@ from vllm_conformance.models.shape import DTYPE_BYTES, Shape
 #: Fraction of peak FLOP/s a long prefill reaches (FlashAttention-3 and FP8 GEMMs on Hopper
 #: run at 40-75 % of peak; a whole serving step, with MoE routing, lower).
 PREFILL_MFU = 0.35
+#: The vLLM CPU backend's share of its nominal peak (``SPECS["cpu"]``): a 32,752-token
+#: prefill of the tiny Llama 4 took 3.1-3.2 s on vLLM 0.32.0 CPU, 2 cores (floor 0.14 s).
+CPU_PREFILL_MFU = 0.04
 #: Fraction of HBM bandwidth a decode step reaches (weights and KV read once per step).
 DECODE_MBU = 0.5
 #: Weights load from local NVMe or page cache at about this rate per node (bytes/s); with
 #: ``load_format: dummy`` nothing is read, random initialisation runs on the GPU.
 LOAD_BANDWIDTH = 2e9
+#: Per prompt token, what a request costs besides the model: JSON, tokenizing text on the
+#: server, detokenizing (measured about 2.3e-6 s on the CPU VM: 32,734 tokens in 0.074 s).
+REQUEST_SECONDS_PER_TOKEN = 5e-6
+#: A request is called hung after this many times its planned time plus
+#: :data:`HANG_SLACK_SECONDS`: the plan is an estimate, machines are shared, and nothing a
+#: healthy engine does (prefix caching, batching with a few others) makes it slower by more.
+HANG_FACTOR = 4.0
+HANG_SLACK_SECONDS = 30.0
 #: Fixed cost of a server start: Python imports, torch.compile, CUDA graphs, warm-up.
 STARTUP_FIXED_SECONDS = 120.0
 #: A start may take this many times its planned time before it counts as hung ...
@@ -120,7 +131,8 @@ def prefill_floor_seconds(entry: Deployment, tokens: int, cached: int = 0) -> fl
 def prefill_seconds(entry: Deployment, tokens: int) -> float | None:
     """The planned time of one prefill of ``tokens`` tokens."""
     floor = prefill_floor_seconds(entry, tokens)
-    return None if floor is None else floor / PREFILL_MFU
+    mfu = CPU_PREFILL_MFU if entry.hardware.gpu == "cpu" else PREFILL_MFU
+    return None if floor is None else floor / mfu
 
 
 def decode_step_floor_seconds(entry: Deployment, batch: int, context: int) -> float | None:
@@ -248,6 +260,28 @@ def lm_eval_seconds(
     return batch_seconds(
         entry, documents, tokens.prompt + shots * tokens.per_shot, output, concurrency
     )
+
+
+def request_deadline_seconds(
+    entry: Deployment, prompt_tokens: int, output_tokens: int, requests: int = 1
+) -> float | None:
+    """How long ``requests`` requests of ``prompt_tokens`` plus ``output_tokens`` sent
+    together may take before they are called hung (None: the model's shape is unknown)."""
+    prefill = prefill_seconds(entry, prompt_tokens)
+    decode = decode_step_seconds(entry, requests, prompt_tokens + output_tokens)
+    if prefill is None or decode is None:
+        return None
+    planned = requests * (prefill + prompt_tokens * REQUEST_SECONDS_PER_TOKEN)
+    return HANG_SLACK_SECONDS + HANG_FACTOR * (planned + output_tokens * decode)
+
+
+def position_limit(entry: Deployment) -> int | None:
+    """The model's ``max_position_embeddings``: the longest ``--max-model-len`` it takes."""
+    config = _config(entry)
+    if config is None:
+        return None
+    value = (config.get("text_config") or config).get("max_position_embeddings")
+    return int(value) if value else None
 
 
 def _routed_expert_params(shape: Shape, active: bool) -> int:

@@ -1,57 +1,100 @@
 """Context: the promised ``max_model_len`` really works, and one token more is refused cleanly.
 
-Every prompt is built to an exact token count with the served model's own tokenizer (the
-chat template's tokens included) and the server's ``usage.prompt_tokens`` must agree.
-Rejections must be HTTP 400 with an OpenAI-style error body, never a 5xx, a hang or a
-crash, and the server must serve normally afterwards.
+Both sides of every limit: prompt + ``max_tokens`` == ``max_model_len`` is served
+(completions as text and as token ids, chat with the template's tokens counted, streamed),
+and one token more is refused with HTTP 400 and an OpenAI-style error body that names the
+limit, never a 5xx, a hang or a crash, and the server serves normally afterwards; the same
+for ``max_tokens`` alone. Every prompt is built to an exact token count with the served
+model's own tokenizer, checked against the server's ``/tokenize`` and ``usage``.
+
+A fitting prompt whose ``max_tokens`` overshoots is rejected or clamped depending on the
+vLLM version: the entry declares the policy per version range, and the report says which
+declaration applied to the served version (``/version``).
+
+Cost. Every long prompt of the suite is a prefix of one token sequence (see
+:mod:`vllm_conformance.client.prompts`), so vLLM's prefix cache serves all but the first;
+only the concurrent check adds prompts of their own. ``test_prefill_budget``, the module's
+last test, counts the full-length prefills from vLLM's prefix-cache counters and judges them
+against ``expect.context.full_prefill_budget``. Every long request runs under a deadline
+derived from the entry (:mod:`vllm_conformance.client.longctx`), not the generic timeout.
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from vllm_conformance import plugin
 from vllm_conformance.client import calls, prompts
-from vllm_conformance.client.checks import assert_clean_rejection
+from vllm_conformance.client.checks import assert_clean_rejection, assert_tokenize_agrees
+from vllm_conformance.client.longctx import LongRequests, PrefillLedger
 from vllm_conformance.fixtures.recorder import Recorder
+from vllm_conformance.launch import logparse
 from vllm_conformance.launch.endpoint import Endpoint
 from vllm_conformance.launch.local import ServerStartError
-from vllm_conformance.matrix import Deployment
+from vllm_conformance.matrix import Deployment, ExpectationError
 from vllm_conformance.perf.server_metrics import scrape_metrics
 
 pytestmark = pytest.mark.needs_expect("context")
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
-FORMS = ("completions-text", "completions-ids", "chat")
+#: Seed of the one token sequence that every prompt of the suite but the concurrent ones is
+#: a prefix of.
+BASE = 0
+#: Prompt length of the "max_tokens alone" requests: the head plus a few words.
+SHORT = 32
+
+
+@pytest.fixture(scope="session")
+def ledger(deployment: Deployment, server: Endpoint) -> PrefillLedger:
+    """The entry's long requests and what the prefix cache served of them."""
+    return PrefillLedger(server.max_model_len)
+
+
+@pytest.fixture
+def long(endpoint: Endpoint, deployment: Deployment, ledger: PrefillLedger) -> LongRequests:
+    return LongRequests(endpoint, deployment, ledger)
 
 
 def request_for(
-    form: str, endpoint: Endpoint, tokenizer: Any, n: int, max_tokens: int, seed: int
+    form: str, endpoint: Endpoint, tokenizer: Any, n: int, max_tokens: int, seed: int = BASE
 ) -> tuple[str, dict[str, Any]]:
-    """A greedy request whose prompt is exactly ``n`` tokens, in one of :data:`FORMS`."""
+    """A greedy request whose prompt is exactly ``n`` tokens; ``form`` ends in ``.stream``
+    for a streamed one."""
     body: dict[str, Any] = {
         "model": endpoint.model,
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
+        "stream": form.endswith(".stream"),
     }
-    if form == "completions-text":
+    kind = form.removesuffix(".stream")
+    if kind == "completions-text":
         return COMPLETIONS, {**body, "prompt": prompts.completion_text(tokenizer, n, seed)}
-    if form == "completions-ids":
+    if kind == "completions-ids":
         return COMPLETIONS, {**body, "prompt": prompts.token_ids(tokenizer, n, seed)}
-    if form == "chat":
+    if kind == "chat":
         return CHAT, {**body, "messages": prompts.chat_messages(tokenizer, n, seed)}
     raise ValueError(form)
 
 
-def send(endpoint: Endpoint, path: str, body: dict[str, Any]) -> calls.Outcome:
+def cross_check(endpoint: Endpoint, form: str, body: dict[str, Any], local: list[int]) -> None:
+    """The server's ``/tokenize`` gives the tokens the client built a text or chat prompt of."""
+    if form.startswith("completions-ids"):
+        return
+    payload = {k: body[k] for k in ("model", "prompt", "messages") if k in body}
     with endpoint.http() as http:
-        return calls.post(http, path, body)
+        assert_tokenize_agrees(http.post("/tokenize", json=payload), local)
+
+
+def built_ids(form: str, tokenizer: Any, n: int, seed: int = BASE) -> list[int]:
+    """The tokens :func:`request_for` built (text decodes to the ids form's tokens)."""
+    if form.startswith("chat"):
+        return prompts.chat_prompt_ids(tokenizer, n, seed)
+    return prompts.token_ids(tokenizer, n, seed)
 
 
 def assert_healthy(endpoint: Endpoint) -> None:
@@ -61,14 +104,21 @@ def assert_healthy(endpoint: Endpoint) -> None:
     endpoint.probe()
 
 
-@pytest.mark.parametrize("form", FORMS)
+def output_room(deployment: Deployment) -> int:
+    """Output tokens of the fits-exactly requests (the server-wide cap may be lower)."""
+    return min(16, deployment.serve.max_new_tokens or 16)
+
+
+@pytest.mark.parametrize("form", ("completions-text", "completions-ids", "chat"))
 def test_exact_token_prompt(
     form: str, endpoint: Endpoint, tokenizer: Any, recorder: Recorder
 ) -> None:
-    """A prompt built to N tokens is counted as N by the server."""
+    """A prompt built to N tokens is counted as N by ``/tokenize`` and by ``usage``."""
     n = min(1000, endpoint.max_model_len // 2)
-    path, body = request_for(form, endpoint, tokenizer, n, max_tokens=1, seed=1)
-    outcome = send(endpoint, path, body)
+    path, body = request_for(form, endpoint, tokenizer, n, max_tokens=1)
+    cross_check(endpoint, form, body, built_ids(form, tokenizer, n))
+    with endpoint.http() as http:
+        outcome = calls.post(http, path, body)
     recorder.record(
         f"context.exact_tokens.{form}",
         "pass" if outcome.ok and outcome.prompt_tokens == n else "fail",
@@ -80,84 +130,91 @@ def test_exact_token_prompt(
     assert outcome.prompt_tokens == n
 
 
-@pytest.mark.parametrize("form", ("completions-text", "chat"))
-def test_tokenize_endpoint_agrees(form: str, endpoint: Endpoint, tokenizer: Any) -> None:
-    """The server's ``/tokenize`` counts the client-built prompt exactly as the client does."""
-    n = min(1000, endpoint.max_model_len // 2)
-    _, body = request_for(form, endpoint, tokenizer, n, max_tokens=1, seed=2)
-    payload = {k: body[k] for k in ("model", "prompt", "messages") if k in body}
-    with endpoint.http() as http:
-        response = http.post("/tokenize", json=payload)
-    assert response.status_code == 200, response.text[:300]
-    assert response.json()["count"] == n
+FITS = [
+    ("completions-ids", 16),
+    ("completions-ids", 1),
+    ("completions-text", 16),
+    ("completions-text", 1),
+    ("chat", 16),
+    ("chat", 1),
+    ("completions-text.stream", 16),
+    ("chat.stream", 16),
+]
 
 
-@pytest.mark.parametrize(
-    ("form", "stream"),
-    [
-        ("completions-text", False),
-        ("completions-ids", False),
-        ("chat", False),
-        ("completions-text", True),
-        ("chat", True),
-    ],
-)
-def test_largest_prompt_succeeds(
-    form: str, stream: bool, endpoint: Endpoint, tokenizer: Any, recorder: Recorder
+@pytest.mark.parametrize(("form", "outputs"), FITS)
+def test_fits_exactly(
+    form: str,
+    outputs: int,
+    endpoint: Endpoint,
+    tokenizer: Any,
+    deployment: Deployment,
+    long: LongRequests,
+    recorder: Recorder,
 ) -> None:
-    """A prompt of ``max_model_len - 1`` tokens with ``max_tokens=1`` is served."""
-    n = endpoint.max_model_len - 1
-    path, body = request_for(form, endpoint, tokenizer, n, max_tokens=1, seed=10 + stream)
-    outcome = send(endpoint, path, {**body, "stream": stream})
+    """prompt + ``max_tokens`` == ``max_model_len``: served, every output token comes back."""
+    k = min(outputs, output_room(deployment))
+    n = endpoint.max_model_len - k
+    path, body = request_for(form, endpoint, tokenizer, n, max_tokens=k)
+    cross_check(endpoint, form, body, built_ids(form, tokenizer, n))
+    outcome = long.send(f"fits.{form}.{k}", path, body, n)
     recorder.record(
-        f"context.largest_prompt.{form}{'.stream' if stream else ''}",
-        "pass" if outcome.ok else "fail",
+        f"context.fits.{form}.max_tokens_{k}",
+        "pass" if outcome.ok and outcome.completion_tokens == k else "fail",
         request=calls.summarize_request(path, body),
+        expected={"prompt_tokens": n, "completion_tokens": k},
         **outcome.as_record(),
     )
     assert outcome.ok, f"HTTP {outcome.status}: {outcome.body_excerpt or outcome.stream_error}"
     assert outcome.prompt_tokens == n
-    assert outcome.completion_tokens == 1
-
-
-@pytest.mark.parametrize("form", ("completions-text", "chat"))
-def test_prompt_plus_k_outputs_fill_context(
-    form: str, endpoint: Endpoint, tokenizer: Any, deployment: Deployment, recorder: Recorder
-) -> None:
-    """``max_model_len - k`` prompt tokens plus ``k`` output tokens: all ``k`` come back."""
-    k = min(16, deployment.serve.max_new_tokens or 16)
-    n = endpoint.max_model_len - k
-    path, body = request_for(form, endpoint, tokenizer, n, max_tokens=k, seed=20)
-    outcome = send(endpoint, path, body)
-    recorder.record(
-        f"context.fill.{form}",
-        "pass" if outcome.ok and outcome.completion_tokens == k else "fail",
-        request=calls.summarize_request(path, body),
-        **outcome.as_record(),
-    )
-    assert outcome.ok, outcome.body_excerpt
-    assert outcome.prompt_tokens == n
     assert outcome.completion_tokens == k
 
 
-OVERFLOWS = (
-    "prompt+1.completions-text",
-    "prompt+1.completions-ids",
-    "prompt+1.chat",
-    "prompt+1.completions-text.stream",
-    "max_tokens-above-limit",
+def test_max_tokens_alone_fits(
+    endpoint: Endpoint, tokenizer: Any, long: LongRequests, recorder: Recorder
+) -> None:
+    """A short prompt with ``max_tokens`` = the rest of the context is accepted.
+
+    Streamed and closed after the first token: whether the request is admitted is the
+    check, not the ``max_model_len`` decode steps it would take.
+    """
+    n = SHORT
+    path, body = request_for("completions-ids.stream", endpoint, tokenizer, n, 1)
+    body["max_tokens"] = endpoint.max_model_len - n
+    outcome = long.send("max_tokens_alone.fits", path, body, n, first_token=True)
+    recorder.record(
+        "context.max_tokens_alone.fits",
+        "pass" if outcome.ok and outcome.extra.get("closed_after_first_token") else "fail",
+        request=calls.summarize_request(path, body),
+        **outcome.as_record(),
+    )
+    assert outcome.ok, f"HTTP {outcome.status}: {outcome.body_excerpt or outcome.stream_error}"
+    assert outcome.extra.get("closed_after_first_token"), "the stream ended before a token"
+
+
+#: One token past a limit, whatever the overflow policy: nothing can be generated.
+OVER = (
+    "prompt=limit.completions-ids",
+    "prompt=limit.completions-text",
+    "prompt=limit.chat",
+    "prompt=limit+1.completions-ids",
+    "prompt=limit+1.completions-text",
+    "prompt=limit+1.chat",
+    "prompt=limit+1.completions-text.stream",
+    "prompt=limit+1.chat.stream",
+    "max_tokens=limit+1",
     "long-conversation",
 )
 
 
-def overflow_request(case: str, endpoint: Endpoint, tokenizer: Any) -> tuple[str, dict[str, Any]]:
+def over_request(case: str, endpoint: Endpoint, tokenizer: Any) -> tuple[str, dict[str, Any]]:
     limit = endpoint.max_model_len
-    if case.startswith("prompt+1."):
-        form = case.split(".")[1]
-        path, body = request_for(form, endpoint, tokenizer, limit + 1, max_tokens=1, seed=30)
-        return path, {**body, "stream": case.endswith(".stream")}
-    if case == "max_tokens-above-limit":
-        path, body = request_for("completions-text", endpoint, tokenizer, 8, 1, seed=31)
+    if case.startswith("prompt="):
+        size, form = case.removeprefix("prompt=").split(".", 1)
+        n = limit + 1 if size == "limit+1" else limit
+        return request_for(form, endpoint, tokenizer, n, max_tokens=1)
+    if case == "max_tokens=limit+1":
+        path, body = request_for("completions-ids", endpoint, tokenizer, SHORT, 1)
         return path, {**body, "max_tokens": limit + 1}
     if case == "long-conversation":
         messages: list[dict[str, str]] = []
@@ -170,13 +227,13 @@ def overflow_request(case: str, endpoint: Endpoint, tokenizer: Any) -> tuple[str
     raise ValueError(case)
 
 
-@pytest.mark.parametrize("case", OVERFLOWS)
-def test_overflow_rejected_cleanly(
-    case: str, endpoint: Endpoint, tokenizer: Any, recorder: Recorder
+@pytest.mark.parametrize("case", OVER)
+def test_one_token_over_is_rejected(
+    case: str, endpoint: Endpoint, tokenizer: Any, long: LongRequests, recorder: Recorder
 ) -> None:
-    """One token past the limit (or an output budget past it) gets a clean 400."""
-    path, body = overflow_request(case, endpoint, tokenizer)
-    outcome = send(endpoint, path, body)
+    """One token past the limit (prompt, prompt + ``max_tokens``, ``max_tokens``): a clean 400."""
+    path, body = over_request(case, endpoint, tokenizer)
+    outcome = long.send(f"over.{case}", path, body, endpoint.max_model_len)
     recorder.record(
         f"context.overflow.{case}",
         "pass" if outcome.status == 400 and outcome.error else "fail",
@@ -188,46 +245,78 @@ def test_overflow_rejected_cleanly(
     assert_healthy(endpoint)
 
 
-def test_prompt_plus_max_tokens_policy(
-    endpoint: Endpoint, tokenizer: Any, deployment: Deployment, recorder: Recorder
-) -> None:
-    """A fitting prompt whose ``max_tokens`` overshoots: rejected or clamped, as declared.
-
-    vLLM versions differ here; a change of policy after an upgrade must fail loudly
-    instead of silently truncating users' outputs.
-    """
+def applied_policy(deployment: Deployment, endpoint: Endpoint) -> dict[str, Any] | None:
+    """The overflow policy declared for the served version, as recorded (None: undeclared)."""
     assert deployment.expect.context is not None
-    declared = deployment.expect.context.overflow_policy
-    room = 8
-    n = endpoint.max_model_len - room
-    path, body = request_for("completions-text", endpoint, tokenizer, n, 2 * room, seed=50)
-    outcome = send(endpoint, path, body)
+    try:
+        applied = deployment.expect.context.policy_for(endpoint.version)
+    except ExpectationError as exc:
+        pytest.fail(f"{deployment.id}: {exc}", pytrace=False)
+    if applied is None:
+        return None
+    return {**applied.as_record(), "served_vllm": endpoint.version}
+
+
+@pytest.mark.parametrize("case", ("prompt+max_tokens", "max_tokens-alone"))
+def test_overflow_policy(
+    case: str,
+    endpoint: Endpoint,
+    tokenizer: Any,
+    deployment: Deployment,
+    long: LongRequests,
+    recorder: Recorder,
+) -> None:
+    """``max_tokens`` one past the room a prompt leaves: rejected or clamped, as declared for
+    the served vLLM version.
+
+    A change of policy after an upgrade must fail loudly instead of silently truncating
+    users' outputs. ``prompt+max_tokens``: a prompt of ``max_model_len - k`` with ``k + 1``
+    outputs (clamped: exactly ``k`` come back). ``max_tokens-alone``: a short prompt whose
+    ``max_tokens`` is one more than the rest of the context (clamped: accepted; the stream is
+    closed after the first token).
+    """
+    limit, k = endpoint.max_model_len, output_room(deployment)
+    if case == "prompt+max_tokens":
+        path, body = request_for("completions-ids", endpoint, tokenizer, limit - k, k + 1)
+        outcome = long.send("policy.prompt+max_tokens", path, body, limit - k)
+        clamped = outcome.ok and outcome.completion_tokens == k
+    else:
+        path, body = request_for("completions-ids.stream", endpoint, tokenizer, SHORT, 1)
+        body["max_tokens"] = limit - SHORT + 1
+        outcome = long.send("policy.max_tokens-alone", path, body, SHORT, first_token=True)
+        clamped = outcome.ok and bool(outcome.extra.get("closed_after_first_token"))
     if outcome.status == 400:
         observed = "reject"
-    elif outcome.ok and (outcome.completion_tokens or 0) <= room:
+    elif clamped:
         observed = "clamp"
     else:
         observed = f"other (HTTP {outcome.status}, {outcome.completion_tokens} tokens)"
+    declared = applied_policy(deployment, endpoint)
     recorder.record(
-        "context.prompt_plus_max_tokens",
-        "pass" if observed == declared else "fail",
+        "context.prompt_plus_max_tokens"
+        if case == "prompt+max_tokens"
+        else "context.max_tokens_alone_policy",
+        "observed" if declared is None else "pass" if observed == declared["value"] else "fail",
         request=calls.summarize_request(path, body),
-        expected={"policy": declared},
+        expected=declared and {"policy": declared["value"], "applied": declared},
         measured={"policy": observed},
-        source=deployment.expect.context.source,
         **outcome.as_record(),
     )
-    assert observed == declared, (
-        f"prompt + max_tokens over max_model_len: the server's policy is {observed!r}, the "
-        f"entry declares {declared!r} (expect.context.overflow_policy)"
-    )
     if observed == "reject":
-        assert_clean_rejection(outcome, endpoint.max_model_len)
+        assert_clean_rejection(outcome, limit)
     assert_healthy(endpoint)
+    if declared is None:
+        pytest.skip(f"{deployment.id} declares no overflow_policy; observed {observed!r}")
+    assert observed == declared["value"], (
+        f"max_tokens past the room a prompt leaves: the server's policy is {observed!r}; "
+        f"for vLLM {endpoint.version} the entry declares {declared['value']!r} "
+        f"(vllm {declared['vllm']}: {declared['source']})"
+    )
 
 
 def test_kv_capacity(endpoint: Endpoint, deployment: Deployment, recorder: Recorder) -> None:
-    """The logged KV capacity holds ``max_model_len``, and the concurrency factor agrees."""
+    """The logged KV capacity holds ``max_model_len``, the concurrency factor agrees, and the
+    floor measured on this vLLM range at this ``max_model_len`` (if any) is reached."""
     if endpoint.kv_cache is None:
         assert not endpoint.launched, "vLLM printed no 'KV cache size' line at startup"
         pytest.skip("remote endpoint: no startup log to read the KV capacity from")
@@ -235,7 +324,7 @@ def test_kv_capacity(endpoint: Endpoint, deployment: Deployment, recorder: Recor
     assert ctx is not None
     kv = endpoint.kv_cache
     limit = endpoint.max_model_len
-    ratio = kv.tokens / limit
+    floor = ctx.kv_floor(endpoint.version, limit)
     recorder.record(
         "context.kv_capacity",
         "observed",
@@ -245,18 +334,25 @@ def test_kv_capacity(endpoint: Endpoint, deployment: Deployment, recorder: Recor
             "concurrency_tokens": kv.concurrency_tokens,
             "device": kv.device,
         },
-        expected={"min_kv_cache_tokens": ctx.min_kv_cache_tokens or limit},
-        source=ctx.source,
+        expected={
+            "min_kv_cache_tokens": floor.tokens if floor else limit,
+            "applied": floor.model_dump()
+            if floor
+            else f"max_model_len (no floor for vLLM {endpoint.version} at max_model_len {limit})",
+            "served_vllm": endpoint.version,
+        },
+        source=floor.source if floor else ctx.source,
     )
     assert kv.tokens >= limit, f"KV cache holds {kv.tokens} tokens < max_model_len {limit}"
-    if ctx.min_kv_cache_tokens is not None:
-        assert kv.tokens >= ctx.min_kv_cache_tokens, (
-            f"KV cache {kv.tokens} tokens < {ctx.min_kv_cache_tokens} ({ctx.source})"
+    if floor is not None:
+        assert kv.tokens >= floor.tokens, (
+            f"KV cache {kv.tokens} tokens < {floor.tokens}, the floor for vLLM {floor.vllm} "
+            f"at max_model_len {floor.max_model_len} ({floor.source})"
         )
     assert kv.concurrency is not None, "vLLM printed no 'Maximum concurrency' figure"
     assert kv.concurrency_tokens == limit
     # vLLM's factor counts whole blocks per request, so it may sit slightly under the ratio.
-    assert kv.concurrency == pytest.approx(ratio, rel=0.05)
+    assert kv.concurrency == pytest.approx(kv.tokens / limit, rel=0.05)
 
 
 def test_kv_capacity_ratio(
@@ -292,9 +388,17 @@ def test_kv_capacity_ratio(
 
 
 def test_concurrent_near_max_requests(
-    endpoint: Endpoint, tokenizer: Any, deployment: Deployment, recorder: Recorder
+    endpoint: Endpoint,
+    tokenizer: Any,
+    deployment: Deployment,
+    long: LongRequests,
+    recorder: Recorder,
 ) -> None:
-    """``floor(concurrency)`` (capped) requests of ``max_model_len - 1`` tokens all complete."""
+    """``floor(concurrency)`` (capped) requests of ``max_model_len - 1`` tokens all complete.
+
+    The first is the suite's shared prompt (its KV blocks come from the prefix cache, but
+    they are held all the same); the others are prompts of their own.
+    """
     if endpoint.kv_cache is None or endpoint.kv_cache.concurrency is None:
         assert not endpoint.launched, "vLLM printed no 'Maximum concurrency' figure"
         pytest.skip("remote endpoint: no startup log to read the concurrency factor from")
@@ -304,12 +408,11 @@ def test_concurrent_near_max_requests(
     assert parallel >= 1, "KV cache does not hold one full-length request"
     n = endpoint.max_model_len - 1
     requests = [
-        request_for("completions-ids", endpoint, tokenizer, n, max_tokens=1, seed=60 + i)
+        request_for("completions-ids", endpoint, tokenizer, n, max_tokens=1, seed=BASE + i * 60)
         for i in range(parallel)
     ]
     before = scrape_metrics(endpoint.base_url).counters
-    with ThreadPoolExecutor(parallel) as pool:
-        outcomes = list(pool.map(lambda r: send(endpoint, *r), requests))
+    outcomes = long.send_together("concurrent_near_max", requests, n)
     after = scrape_metrics(endpoint.base_url).counters
     preempted = after.get("vllm:num_preemptions", 0) - before.get("vllm:num_preemptions", 0)
     ok = sum(o.ok for o in outcomes)
@@ -327,21 +430,27 @@ def test_concurrent_near_max_requests(
     assert all(o.prompt_tokens == n for o in outcomes)
 
 
-def test_multi_turn_growth(endpoint: Endpoint, tokenizer: Any, recorder: Recorder) -> None:
-    """A conversation grows turn by turn; the turn that crosses the limit gets the 400."""
+def test_multi_turn_growth(
+    endpoint: Endpoint, tokenizer: Any, long: LongRequests, recorder: Recorder
+) -> None:
+    """A conversation grows turn by turn; the turn that crosses the limit gets the 400.
+
+    The first turn is a prefix of the suite's shared prompt; each later one computes only
+    its new quarter of the context.
+    """
     limit = endpoint.max_model_len
-    turn = limit // 3
+    turn = limit // 4
     history: list[dict[str, str]] = []
     statuses: list[int] = []
     last_fitting: list[dict[str, str]] | None = None
-    for i in range(4):
-        user = prompts.chat_messages(tokenizer, turn, seed=70 + i)[-1]
+    for i in range(5):
+        user = prompts.chat_messages(tokenizer, turn, seed=BASE if i == 0 else 70 + i)[-1]
         messages = [*history, user]
         body = {"model": endpoint.model, "messages": messages, "max_tokens": 4, "temperature": 0}
-        fits = prompts.chat_token_count(tokenizer, messages) + 4 <= limit
-        outcome = send(endpoint, CHAT, body)
+        count = prompts.chat_token_count(tokenizer, messages)
+        outcome = long.send(f"multi_turn.{i + 1}", CHAT, body, count)
         statuses.append(outcome.status)
-        if not fits:
+        if count + 4 > limit:
             assert_clean_rejection(outcome, limit)
             break
         assert outcome.ok, f"turn {i + 1} fits but failed: {outcome.body_excerpt}"
@@ -350,19 +459,62 @@ def test_multi_turn_growth(endpoint: Endpoint, tokenizer: Any, recorder: Recorde
     recorder.record("context.multi_turn", "observed", measured={"statuses": statuses})
     assert statuses[-1] == 400, "the conversation never crossed the limit"
     assert last_fitting is not None
-    again = send(
-        endpoint,
-        CHAT,
-        {"model": endpoint.model, "messages": last_fitting, "max_tokens": 4, "temperature": 0},
+    body = {"model": endpoint.model, "messages": last_fitting, "max_tokens": 4, "temperature": 0}
+    again = long.send(
+        "multi_turn.again", CHAT, body, prompts.chat_token_count(tokenizer, last_fitting)
     )
     assert again.ok, f"the last fitting turn no longer works: {again.body_excerpt}"
+
+
+def test_prefill_budget(
+    deployment: Deployment, ledger: PrefillLedger, endpoint: Endpoint, recorder: Recorder
+) -> None:
+    """The suite cost this entry at most ``full_prefill_budget`` full-length prefills.
+
+    Counted from vLLM's prefix-cache counters around each long request of the tests above
+    (so run the whole module: a selection counts only what it ran). It is the last test of
+    an entry that starts: the one after it is for entries that do not.
+    """
+    ctx = deployment.expect.context
+    assert ctx is not None
+    if ledger.unmeasured:
+        pytest.fail(f"full prefills not counted: {ledger.unmeasured}", pytrace=False)
+    assert ledger.items, "no long request was sent before this test"
+    caching = deployment.serve.enable_prefix_caching is not False
+    measured = ledger.as_measured()
+    within = ledger.full_prefills <= ctx.full_prefill_budget
+    recorder.record(
+        "context.prefill_budget",
+        ("pass" if within else "fail") if caching else "observed",
+        measured=measured,
+        expected={
+            "max_full_prefills": ctx.full_prefill_budget,
+            "prefix_caching": caching,
+            "max_model_len": endpoint.max_model_len,
+        },
+        source="project: at most 3 full-length prefills per entry at any context length",
+    )
+    if not caching:
+        pytest.skip(
+            f"{deployment.id} disables prefix caching: each of the "
+            f"{measured['long_requests']} long requests was a full prefill "
+            f"({ledger.full_prefills} full-length)"
+        )
+    assert within, (
+        f"{ledger.full_prefills} full-length prefills, more than the budget of "
+        f"{ctx.full_prefill_budget}: {measured['full_prefill_requests']}"
+    )
 
 
 @pytest.mark.expects_startup_failure
 def test_expected_startup_failure(
     deployment: Deployment, request: pytest.FixtureRequest, recorder: Recorder
 ) -> None:
-    """A deployment the matrix says does not fit fails to start, for the expected reason."""
+    """A deployment the matrix says does not fit fails to start, for the expected reason.
+
+    One that starts after all (a newer vLLM fits what an older one could not) is a finding
+    with its capacity, so that the upgrade diff shows what changed.
+    """
     st = plugin.state(request.config)
     if st.endpoint:
         pytest.skip("endpoint mode launches nothing")
@@ -377,7 +529,14 @@ def test_expected_startup_failure(
         recorder.record(
             "context.expected_startup_failure",
             "expected failure confirmed" if confirmed else "fail",
-            measured={"reason": kind, "line": exc.reason.line if exc.reason else None},
+            measured={
+                "started": False,
+                "reason": kind,
+                "line": exc.reason.line if exc.reason else None,
+                "estimated_max_model_len": logparse.estimated_max_model_len(
+                    srv.log_path.read_text(errors="replace").splitlines()
+                ),
+            },
             expected={"reasons": ctx.failure_reasons},
             source=ctx.source,
         )
@@ -385,15 +544,25 @@ def test_expected_startup_failure(
             f"startup failed as expected, but for {kind!r}, not {ctx.failure_reasons}: {exc}"
         )
         return
+    ep, kv = srv.endpoint, srv.kv_cache
     srv.stop()
+    finding = (
+        f"expected to fail ({ctx.source}), started: KV capacity "
+        f"{f'{kv.tokens:,} tokens' if kv else 'not logged'} at max_model_len "
+        f"{ep.max_model_len:,} on vLLM {ep.version}"
+    )
     recorder.record(
         "context.expected_startup_failure",
-        "fail",
-        measured={"started": True},
-        kv_cache=srv.kv_cache,
+        "fail: expected to fail, started",
+        measured={
+            "started": True,
+            "kv_cache_tokens": kv.tokens if kv else None,
+            "concurrency": kv.concurrency if kv else None,
+            "max_model_len": ep.max_model_len,
+            "vllm": ep.version,
+        },
+        expected={"reasons": ctx.failure_reasons},
+        finding=finding,
         source=ctx.source,
     )
-    pytest.fail(
-        f"{deployment.id} started, but the matrix expects it to fail ({ctx.source}); "
-        f"KV cache: {srv.kv_cache}"
-    )
+    pytest.fail(f"{deployment.id}: {finding}", pytrace=False)
