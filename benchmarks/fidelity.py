@@ -548,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
         "served model name and tokenizer are used)",
     )
     p.add_argument("--matrix", type=Path, action="append", default=[], help="matrix file/dir")
+    p.add_argument(
+        "--server-ready",
+        type=Path,
+        help="the --ready-file of a running 'vllm-conformance serve' (URL, model, tokenizer)",
+    )
     p.add_argument("--model", default="tiny", help="served model name")
     p.add_argument("--tokenizer", help="tokenizer path (the model directory)")
     p.add_argument("--input-len", type=int, default=128)
@@ -591,6 +596,10 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             if args.entry:
                 out["server"] = stack.enter_context(entry_server(args))
+            elif args.server_ready:
+                out["server"] = ready = json.loads(args.server_ready.read_text())
+                args.base_url, args.model = ready["base_url"], ready["model"]
+                args.tokenizer = args.tokenizer or ready["tokenizer"]
             if not args.tokenizer:
                 p.error("--tokenizer (or --entry) is required for the fidelity run")
             out["fidelity"] = fidelity(args)

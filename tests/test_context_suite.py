@@ -223,3 +223,28 @@ def test_one_server_start_per_entry(run: tuple[Path, list[dict[str, Any]], str])
     _, records, _ = run
     starts = [r for r in records if r["kind"] == "server" and r["status"] == "started"]
     assert [r["entry"] for r in starts] == ["ctx-16k"]
+
+
+def test_the_logged_kv_capacity_is_the_shapes(
+    run: tuple[Path, list[dict[str, Any]], str],
+) -> None:
+    """The capacity vLLM logged agrees with the tiny model's bytes per token for the 1 GiB
+    of VLLM_CPU_KVCACHE_SPACE, computed from its config, not typed in."""
+    _, records, _ = run
+    (rec,) = checks(records, "ctx-16k", "context.kv_plausibility")
+    assert rec["verdict"] == "pass", rec
+    logged, predicted = rec["measured"]["kv_cache_tokens"], rec["expected"]["kv_cache_tokens"]
+    assert abs(logged - predicted) <= estimate.KV_TOKENS_REL * predicted
+    assert rec["measured"]["kv_memory_gib"] == 1.0
+
+
+def test_every_long_request_took_longer_than_the_flop_floor(
+    run: tuple[Path, list[dict[str, Any]], str],
+) -> None:
+    _, records, _ = run
+    (rec,) = checks(records, "ctx-16k", "context.prefill_floor")
+    assert rec["verdict"] == "pass", rec
+    rows = rec["measured"]["requests"]
+    # The first long request computes the shared prompt: a floor well above the clock's grain.
+    assert rows and rows[0]["floor_seconds"] > 0.01, rows
+    assert all(r["seconds"] >= r["floor_seconds"] for r in rows)

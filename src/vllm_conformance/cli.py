@@ -125,6 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
             "entry": entry.id,
             "base_url": ep.base_url,
             "model": ep.model,
+            "tokenizer": str(serving.tokenizer_path(entry)),
             "max_model_len": ep.max_model_len,
             "version": ep.version,
             "log": str(server.log_path.resolve()),

@@ -19,6 +19,7 @@ assume nothing else sends requests to the server meanwhile.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -49,6 +50,8 @@ class Prefill:
     cached_tokens: int
     computed_tokens: int
     full_prefills: int
+    #: wall time from sending to the last answer
+    seconds: float
 
 
 @dataclass
@@ -65,11 +68,19 @@ class PrefillLedger:
         return sum(i.full_prefills for i in self.items)
 
     def add(
-        self, check: str, requests: int, prompt_tokens: int, queried: float, hit: float
+        self,
+        check: str,
+        requests: int,
+        prompt_tokens: int,
+        queried: float,
+        hit: float,
+        seconds: float,
     ) -> None:
         computed = int(queried - hit)
         full = round(computed / self.max_model_len)
-        self.items.append(Prefill(check, requests, prompt_tokens, int(hit), computed, full))
+        self.items.append(
+            Prefill(check, requests, prompt_tokens, int(hit), computed, full, seconds)
+        )
 
     def as_measured(self) -> dict[str, Any]:
         computed = sum(i.computed_tokens for i in self.items)
@@ -142,6 +153,7 @@ class LongRequests:
         outputs = 1 if first_token else max(int(b.get("max_tokens") or 16) for _, b in requests)
         bound, how = self.deadline(prompt_tokens, outputs, len(requests))
         before = self._counters()
+        started = time.monotonic()
 
         def one(request: tuple[str, dict[str, Any]]) -> calls.Outcome:
             path, body = request
@@ -153,6 +165,7 @@ class LongRequests:
 
         with ThreadPoolExecutor(len(requests)) as pool:
             outcomes = list(pool.map(one, requests))
+        seconds = time.monotonic() - started
         after = self._counters() if before is not None else None
         if before is not None and after is not None:
             self.ledger.add(
@@ -161,6 +174,7 @@ class LongRequests:
                 prompt_tokens,
                 after.counters[QUERIES] - before.counters[QUERIES],
                 after.counters[HITS] - before.counters[HITS],
+                seconds,
             )
         return outcomes
 

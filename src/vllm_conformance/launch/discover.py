@@ -40,8 +40,7 @@ from vllm_conformance.launch.local import ServerStartError
 from vllm_conformance.matrix import (
     Deployment,
     MatrixError,
-    load_file,
-    load_matrix,
+    load,
     matrix_files,
 )
 from vllm_conformance.perf import estimate
@@ -389,18 +388,24 @@ def run(args: argparse.Namespace) -> int:
     """Discover every named entry; print the table; exit 1 if an entry that should start
     found no verified length."""
     try:
-        files = matrix_files(args.matrix or [Path("matrix")])
-        where = {e.id: f for f in files for e in load_file(f)}
-        entries = {e.id: e for e in load_matrix(files)}
+        matrix = load(args.matrix or [])
+        chosen = matrix.select(args.entries)
     except MatrixError as exc:
-        print(f"discover: invalid hardware matrix:\n{exc}", file=sys.stderr)
+        print(f"discover: {exc}", file=sys.stderr)
+        return 2
+    user_files = set(matrix_files(args.matrix or []))
+    if args.write_back and (
+        bundled := [e.id for e in chosen if matrix.files[e.id] not in user_files]
+    ):
+        print(
+            f"discover: --write-back changes only your matrix files; {bundled} are bundled: "
+            "extend them in a file of yours (extends: ID) and discover that entry",
+            file=sys.stderr,
+        )
         return 2
     rows, failed = [], []
-    for entry_id in args.entries:
-        if entry_id not in entries:
-            print(f"discover: no matrix entry {entry_id!r}", file=sys.stderr)
-            return 2
-        entry = entries[entry_id]
+    for entry in chosen:
+        entry_id = entry.id
         try:
             row = discover(
                 entry, args.out, args.margin, args.round_to, args.startup_timeout, args.max_starts
@@ -416,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
             if not entry.startup_fails:
                 failed.append(entry_id)
         elif args.write_back:
-            write_back(where[entry_id], entry_id, row.verified_max_model_len)
+            write_back(matrix.files[entry_id], entry_id, row.verified_max_model_len)
     md, js = write_tables(rows, args.out)
     print(markdown_table(rows), end="")
     print(f"written: {md} {js}")

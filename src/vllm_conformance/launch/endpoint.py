@@ -48,6 +48,8 @@ class Endpoint:
     api_key: str | None = None
     kv_cache: KvCacheInfo | None = None
     server: Watched | None = field(default=None, repr=False)
+    #: the startup log of a server this harness did not start (``--server-log``)
+    startup_log: Path | None = None
     request_timeout: float = 600.0
 
     @property
@@ -57,7 +59,7 @@ class Endpoint:
 
     @property
     def log_path(self) -> Path | None:
-        return self.server.log_path if self.server else None
+        return self.server.log_path if self.server else self.startup_log
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}

@@ -225,7 +225,9 @@ def load(paths: Sequence[Path], bundled: bool = True) -> Matrix:
     user_files = matrix_files(paths)
     bundle_files = matrix_files([BUNDLED]) if bundled else []
     user = [r for f in user_files for r in _read(f)]
-    bundle = [r for f in bundle_files if f not in user_files for r in _read(f)]
+    # A bundled file named as a user file (to discover or write back) is read once.
+    named = {f.resolve() for f in user_files}
+    bundle = [r for f in bundle_files if f not in named for r in _read(f)]
     validated = _validate(bundle + user)
     known = {d.id: d for d, _ in validated}
     files = {d.id: f for d, f in validated}

@@ -35,6 +35,7 @@ from vllm_conformance.launch import logparse
 from vllm_conformance.launch.endpoint import Endpoint
 from vllm_conformance.launch.local import ServerStartError
 from vllm_conformance.matrix import Deployment, ExpectationError
+from vllm_conformance.perf import estimate
 from vllm_conformance.perf.server_metrics import scrape_metrics
 
 pytestmark = pytest.mark.needs_expect("context")
@@ -464,6 +465,83 @@ def test_multi_turn_growth(
         "multi_turn.again", CHAT, body, prompts.chat_token_count(tokenizer, last_fitting)
     )
     assert again.ok, f"the last fitting turn no longer works: {again.body_excerpt}"
+
+
+def test_kv_plausibility(endpoint: Endpoint, deployment: Deployment, recorder: Recorder) -> None:
+    """The KV capacity vLLM logged is what the entry's shape predicts for the KV memory it
+    logged (bytes per token of the global and the chunked local layers), the weights it
+    loaded are the shape's, and weights plus KV cache fill ``gpu_memory_utilization``
+    within the band of :mod:`vllm_conformance.perf.estimate`."""
+    if endpoint.kv_cache is None or endpoint.log_path is None:
+        assert not endpoint.launched, "vLLM printed no 'KV cache size' line at startup"
+        pytest.skip("remote endpoint without --server-log: no startup log to check")
+    facts = logparse.parse_startup_facts(endpoint.log_path.read_text(errors="replace").splitlines())
+    try:
+        check = estimate.kv_plausibility(
+            deployment, facts, endpoint.kv_cache, endpoint.max_model_len
+        )
+    except ValueError as exc:
+        pytest.fail(f"KV plausibility not measurable: {exc}", pytrace=False)
+    if check is None:
+        pytest.skip(
+            f"{deployment.id}: the model's shape is unknown or pipeline parallelism splits "
+            "it unevenly, so no KV capacity can be predicted"
+        )
+    gib = 2**30
+    recorder.record(
+        "context.kv_plausibility",
+        "fail" if check.problems else "pass",
+        measured={
+            "kv_cache_tokens": check.logged_tokens,
+            "kv_memory_gib": round(check.kv_memory_bytes / gib, 2),
+            "kv_memory_source": check.kv_memory_source,
+            "weights_gib": round(check.weights_bytes / gib, 2) if check.weights_bytes else None,
+            "overhead_share": check.overhead_share,
+        },
+        expected={
+            "kv_cache_tokens": round(check.predicted_tokens),
+            "bytes_per_request": round(check.bytes_per_request),
+            "in_flight_tokens": check.in_flight_tokens,
+            "weights_gib": round(check.predicted_weights_bytes / gib, 2),
+            "band": {
+                "kv_tokens_rel": estimate.KV_TOKENS_REL,
+                "weights_rel": estimate.WEIGHTS_REL,
+                "overhead_max": estimate.OVERHEAD_MAX,
+            },
+        },
+        source="perf.estimate.kv_plausibility: the entry's config.json and hardware.gpu",
+    )
+    assert not check.problems, "; ".join(check.problems)
+
+
+def test_prefill_not_faster_than_physics(
+    deployment: Deployment, ledger: PrefillLedger, recorder: Recorder
+) -> None:
+    """No long request computed its uncached prompt tokens faster than the entry's GPUs can
+    at peak FLOPs: such a time is a measurement error (a cache the counters did not see, a
+    clock, a proxy answering for the server), and the context timings of the run are void."""
+    if ledger.unmeasured:
+        pytest.fail(f"prefills not measured: {ledger.unmeasured}", pytrace=False)
+    computed = [i for i in ledger.items if i.computed_tokens > 0]
+    assert computed, "no long request computed any prompt token"
+    rows = []
+    for item in computed:
+        per_request = item.computed_tokens / item.requests
+        cached = max(0, item.prompt_tokens - round(per_request))
+        one = estimate.prefill_floor_seconds(deployment, item.prompt_tokens, cached)
+        if one is None:
+            pytest.skip(f"{deployment.id}: the model's shape is unknown, so is the FLOP floor")
+        rows.append({"check": item.check, "seconds": round(item.seconds, 3),
+                     "floor_seconds": round(one * item.requests, 6)})  # fmt: skip
+    too_fast = [r for r in rows if r["seconds"] < r["floor_seconds"]]
+    recorder.record(
+        "context.prefill_floor",
+        "fail" if too_fast else "pass",
+        measured={"requests": rows},
+        expected={"seconds_at_least": "floor_seconds"},
+        source="perf.estimate.prefill_floor_seconds: FLOPs of the shape at the GPUs' peak",
+    )
+    assert not too_fast, f"faster than the FLOP floor, a measurement error: {too_fast}"
 
 
 def test_prefill_budget(
