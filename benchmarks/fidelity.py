@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from vllm_conformance.perf.loadgen import LoadConfig, RunResult, run_load_sync
-from vllm_conformance.perf.metrics import compute_metrics, samples_ms
+from vllm_conformance.perf.metrics import client_bottleneck, compute_metrics, samples_ms
 from vllm_conformance.perf.stats import compare_samples
 from vllm_conformance.perf.workload import (
     PromptFormat,
@@ -338,14 +338,8 @@ def fidelity(args: argparse.Namespace) -> dict[str, Any]:
                     row["ours"], per_client["ours"] = (
                         {k: summary.get(k) for k in KEYS}, samples_ms(run)
                     )  # fmt: skip
-        health = run.health
-        row["ours_health"] = asdict(health) if health else None
-        if health is not None and (
-            why := health.bottleneck(
-                row["ours"].get("median_itl_ms", 0) / 1000,
-                row["ours"].get("median_ttft_ms", 0) / 1000,
-            )
-        ):
+        row["ours_health"] = asdict(run.health) if run.health else None
+        if why := client_bottleneck(run, compute_metrics(run)):
             print(f"round {i}: no verdict from this round: {why}", file=sys.stderr)
             row["client_bottleneck"] = why
         for who, samples in per_client.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from vllm_conformance.perf.loadgen import (
     run_load_sync,
     server_token_counts,
 )
-from vllm_conformance.perf.metrics import compute_metrics, samples_ms
+from vllm_conformance.perf.metrics import client_bottleneck, compute_metrics, samples_ms
 from vllm_conformance.perf.server_metrics import (
     find_histogram,
     histogram_quantile,
@@ -588,3 +589,27 @@ def test_real_regression_is_flagged_and_repeat_is_not(perf_server: tuple[str, st
     assert {"ttft_ms", "e2el_ms"} <= flagged, [c.describe() for c in worse]
     e2el = next(c for c in worse if c.metric == "e2el_ms")
     assert e2el.ci_low > 1 + NOISY_MIN_EFFECT and e2el.p_value < 1e-6
+
+
+def _busy(_: object) -> None:
+    """A progress callback that holds the client's event loop for 200 ms per request."""
+    end = time.perf_counter() + 0.2
+    while time.perf_counter() < end:
+        pass
+
+
+def test_a_busy_client_is_named_the_bottleneck(perf_server: tuple[str, str, str]) -> None:
+    """The same workload against the same server: with the client's loop held by a busy
+    callback the run is refused as client-bound; without it, it is not."""
+    url, model, tokenizer = perf_server
+    reqs = random_requests(
+        load_tokenizer(tokenizer), num_prompts=20, input_len=128, output_len=16, seed=3
+    )
+    verdicts = {}
+    for label, progress in (("plain", None), ("busy", _busy)):
+        run = run_load_sync(url, model, reqs, LoadConfig(max_concurrency=2), progress=progress)
+        assert not run.failures
+        verdicts[label] = client_bottleneck(run, compute_metrics(run)), run.health
+    why, health = verdicts["busy"]
+    assert why is not None and "load generator" in why, health
+    assert verdicts["plain"][0] is None, verdicts["plain"]

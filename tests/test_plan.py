@@ -58,7 +58,8 @@ def test_an_entry_plan_counts_what_its_selected_suites_do() -> None:
     everything = plan.Selected({"context": 17, "accuracy": 1, "performance": 4, "serving": 2})
     e = plan.plan_entry(blog, everything)
     assert e.count(plan.SERVER_START) == 1
-    assert e.count(plan.FULL_PREFILLS) == plan.CONTEXT_FULL_PREFILLS
+    assert blog.expect.context is not None
+    assert e.count(plan.FULL_PREFILLS) == blog.expect.context.full_prefill_budget == 3
     # mmlu_pro_llama and chartqa_llama_90 at vLLM CI's limits: 250 per subject, 100
     assert e.count("lm-eval") == 250 * 14 + 100
     assert e.count(plan.LOAD_RUN) == 640 + 2
@@ -129,3 +130,16 @@ def test_plan_command_reports_bad_usage_in_one_line() -> None:
 
 def test_versus_without_plan_records_is_empty() -> None:
     assert plan.versus([{"kind": "test", "entry": "x"}]) == []
+
+
+def test_versus_reads_the_prefills_the_context_suite_counted() -> None:
+    blog = SEED["blog-scout-8xh100-bf16"]
+    built = plan.build([(blog, plan.Selected({"context": 17}))])
+    records = [{"kind": "plan", **r} for r in built.records()] + [
+        {"kind": "timing", "entry": blog.id, "seconds": 300.0},
+        {"kind": "check", "entry": blog.id, "check": plan.PREFILL_CHECK,
+         "measured": {"full_prefills": 2}},
+    ]  # fmt: skip
+    (row,) = plan.versus(records)
+    assert (row.planned_prefills, row.measured_prefills) == (3, 2)
+    assert row.measured_s == 300.0

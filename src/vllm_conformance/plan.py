@@ -26,12 +26,9 @@ from vllm_conformance.matrix import AccuracyExpect, Deployment
 from vllm_conformance.perf import estimate
 from vllm_conformance.progress import duration
 
-#: Full-length prefills (prompts of about ``max_model_len`` tokens) that the context suite
-#: sends per entry. PLACEHOLDER, the one place to wire: the context suite's rework (issue 15)
-#: publishes its own count in ``suites/test_context.py``; until then, that rework's target.
-#: (The suite before the rework sends about 13: five largest prompts, two fills, the clamp
-#: check, up to four concurrent near-maximum requests, the multi-turn growth.)
-CONTEXT_FULL_PREFILLS = 3
+#: The context suite's check that counts its full-length prefills (vLLM's prefix-cache
+#: counters); its ``measured.full_prefills`` is the measured side of the plan.
+PREFILL_CHECK = "context.prefill_budget"
 
 #: Test-split documents of lm-eval's tasks, and the subtasks a per-task ``limit`` applies
 #: to (lm-eval limits each of mmlu_pro's 14 subjects).
@@ -197,8 +194,10 @@ def plan_entry(entry: Deployment, selected: Selected) -> EntryPlan:
     normal = sum(tests.values()) - selected.startup_failures
     starts = (1 if normal > 0 else 0) + selected.startup_failures
     steps = [Step(SERVER_START, starts, "starts", starts * estimate.startup_seconds(entry))]
-    if tests.get("context") and not entry.startup_fails:
-        n, length = CONTEXT_FULL_PREFILLS, entry.serve.max_model_len
+    ctx = entry.expect.context
+    if tests.get("context") and ctx is not None and not entry.startup_fails:
+        # The suite's budget is what it may cost; its last test fails when it costs more.
+        n, length = ctx.full_prefill_budget, entry.serve.max_model_len
         one = estimate.prefill_seconds(entry, length)
         steps.append(
             Step(FULL_PREFILLS, n, f"x {length:,} tokens", None if one is None else n * one)
@@ -393,8 +392,8 @@ def versus(records: Sequence[Mapping[str, Any]]) -> list[Versus]:
 
     Measured is the wall time of the entry's tests (``timing`` records: setup, call and
     teardown, the server's start and stop included) less its wait for GPUs; the server
-    start is the ``server`` records' ``startup_seconds``; full prefills counted by a
-    ``full prefills`` progress phase, where the context suite reports one.
+    start is the ``server`` records' ``startup_seconds``; full prefills as the context
+    suite counted them (:data:`PREFILL_CHECK`).
     """
     plan = Plan.from_records(records)
     if plan is None:
@@ -411,8 +410,8 @@ def versus(records: Sequence[Mapping[str, Any]]) -> list[Versus]:
             timed.add(entry)
         elif r.get("kind") == "phase" and r.get("phase") == "waiting for GPUs":
             waited[entry] += r["seconds"]
-        elif r.get("kind") == "phase" and r.get("phase") == FULL_PREFILLS:
-            prefills[entry] = prefills.get(entry, 0) + (r.get("done") or 0)
+        elif r.get("kind") == "check" and r.get("check") == PREFILL_CHECK:
+            prefills[entry] = r["measured"]["full_prefills"]
         elif r.get("kind") == "server" and r.get("startup_seconds") is not None:
             starts[entry] = starts.get(entry, 0.0) + r["startup_seconds"]
     rows = []

@@ -25,6 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -279,3 +280,19 @@ class TerminalTail:
         lead = b"\n" if width and width != self._width else b""
         os.write(self._fd, lead + b"".join(b"[progress] " + line + b"\n" for line in lines))
         self._width = width
+
+
+@dataclass(frozen=True)
+class EntryProgress:
+    """The run's :class:`~vllm_conformance.progress.Progress`, bound to one entry."""
+
+    progress: Progress
+    entry: str
+
+    def phase(self, name: str, **options: Any) -> Phase:
+        """:meth:`Progress.phase` of this entry (``total``, ``unit``, ``planned_s``,
+        ``detail``)."""
+        return self.progress.phase(self.entry, name, **options)
+
+    def line(self, text: str) -> None:
+        self.progress.line(self.entry, text)

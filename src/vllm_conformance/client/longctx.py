@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from vllm_conformance.launch.endpoint import Endpoint, ServerDiedError
 from vllm_conformance.matrix import Deployment
 from vllm_conformance.perf import estimate
 from vllm_conformance.perf.server_metrics import MetricsSnapshot, scrape_metrics
+from vllm_conformance.progress import EntryProgress
 
 QUERIES = "vllm:prefix_cache_queries"
 HITS = "vllm:prefix_cache_hits"
@@ -102,6 +104,8 @@ class LongRequests:
     endpoint: Endpoint
     entry: Deployment
     ledger: PrefillLedger
+    #: where each long request shows as a phase (a 3M-token prefill takes minutes)
+    progress: EntryProgress | None = None
 
     def deadline(
         self, prompt_tokens: int, output_tokens: int, requests: int = 1
@@ -163,7 +167,7 @@ class LongRequests:
             except httpx.TimeoutException:
                 raise self._hang(check, prompt_tokens, outputs, bound, how) from None
 
-        with ThreadPoolExecutor(len(requests)) as pool:
+        with ThreadPoolExecutor(len(requests)) as pool, self._phase(check, prompt_tokens, requests):
             outcomes = list(pool.map(one, requests))
         seconds = time.monotonic() - started
         after = self._counters() if before is not None else None
@@ -177,6 +181,17 @@ class LongRequests:
                 seconds,
             )
         return outcomes
+
+    def _phase(
+        self, check: str, prompt_tokens: int, requests: list[Any]
+    ) -> AbstractContextManager[Any]:
+        if self.progress is None:
+            return nullcontext()
+        planned = estimate.prefill_seconds(self.entry, prompt_tokens)
+        return self.progress.phase(
+            f"prefill {check} ({len(requests)} x {prompt_tokens:,} tokens)",
+            planned_s=planned * len(requests) if planned is not None else None,
+        )
 
     def _hang(
         self, check: str, prompt_tokens: int, outputs: int, bound: float, how: str

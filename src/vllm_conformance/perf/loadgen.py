@@ -29,7 +29,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -304,25 +303,6 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
-
-
-def stderr_progress(interval_s: float = 10.0) -> ProgressCallback:
-    """A callback that prints one line to stderr at most every ``interval_s`` (and at the end)."""
-    last = [-math.inf]
-
-    def report(p: Progress) -> None:
-        now = time.monotonic()
-        if p.done < p.total and now - last[0] < interval_s:
-            return
-        last[0] = now
-        tag = f"[perf {p.label}]" if p.label else "[perf]"
-        print(
-            f"{tag} {p.done}/{p.total} done, {p.failed} failed, {p.elapsed_s:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    return report
 
 
 def arrival_offsets(

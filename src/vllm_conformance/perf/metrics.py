@@ -237,3 +237,14 @@ def samples_ms(results: Sequence[RequestResult] | RunResult) -> dict[str, list[f
         "itl": [g * 1000.0 for r in ok for g in r.itl],
         "e2el": [r.latency * 1000.0 for r in ok],
     }
+
+
+def client_bottleneck(result: RunResult, metrics: BenchMetrics) -> str | None:
+    """Why the load generator, not the server, may have set ``metrics`` (None: it kept up).
+
+    A verdict on such numbers would judge the client: the suite and ``benchmarks/fidelity.py``
+    refuse it.
+    """
+    if result.health is None:
+        return "the load generator's own health was not measured"
+    return result.health.bottleneck(metrics.itl.median / 1000, metrics.ttft.median / 1000)

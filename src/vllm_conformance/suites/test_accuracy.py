@@ -23,6 +23,7 @@ from vllm_conformance.fixtures.recorder import Recorder
 from vllm_conformance.launch import serving
 from vllm_conformance.launch.endpoint import Endpoint
 from vllm_conformance.matrix import AccuracyExpect, Deployment
+from vllm_conformance.progress import EntryProgress
 
 pytestmark = pytest.mark.needs_expect("accuracy")
 
@@ -89,6 +90,7 @@ def test_accuracy(
     endpoint: Endpoint,
     deployment: Deployment,
     recorder: Recorder,
+    progress: EntryProgress,
 ) -> None:
     """Every accuracy expectation of the entry holds; each verdict is in the report."""
     lm_eval_runs: dict[tuple[Any, ...], accuracy.AccuracyResult | Exception] = {}
@@ -97,10 +99,12 @@ def test_accuracy(
         key = _run_key(exp)
         if key not in lm_eval_runs:
             try:
-                lm_eval_runs[key] = accuracy.run_lm_eval(
-                    endpoint.base_url, endpoint.model, exp, exp.data,
-                    api_key=endpoint.api_key, gen_kwargs=exp.gen_kwargs or None,
-                )  # fmt: skip
+                # Named like the plan's step, so its ETA is the planned time.
+                with progress.phase(f"lm-eval {exp.task}"):
+                    lm_eval_runs[key] = accuracy.run_lm_eval(
+                        endpoint.base_url, endpoint.model, exp, exp.data,
+                        api_key=endpoint.api_key, gen_kwargs=exp.gen_kwargs or None,
+                    )  # fmt: skip
             except accuracy.AccuracyDataError as exc:
                 lm_eval_runs[key] = exc
         run = lm_eval_runs[key]

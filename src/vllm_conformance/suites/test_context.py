@@ -37,6 +37,7 @@ from vllm_conformance.launch.local import ServerStartError
 from vllm_conformance.matrix import Deployment, ExpectationError
 from vllm_conformance.perf import estimate
 from vllm_conformance.perf.server_metrics import scrape_metrics
+from vllm_conformance.progress import EntryProgress
 
 pytestmark = pytest.mark.needs_expect("context")
 
@@ -56,8 +57,10 @@ def ledger(deployment: Deployment, server: Endpoint) -> PrefillLedger:
 
 
 @pytest.fixture
-def long(endpoint: Endpoint, deployment: Deployment, ledger: PrefillLedger) -> LongRequests:
-    return LongRequests(endpoint, deployment, ledger)
+def long(
+    endpoint: Endpoint, deployment: Deployment, ledger: PrefillLedger, progress: EntryProgress
+) -> LongRequests:
+    return LongRequests(endpoint, deployment, ledger, progress)
 
 
 def request_for(

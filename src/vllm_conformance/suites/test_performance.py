@@ -13,20 +13,21 @@ thresholds or without a baseline skips, saying so.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vllm_conformance import plugin
+from vllm_conformance import plan, plugin
 from vllm_conformance.fixtures.recorder import Recorder
 from vllm_conformance.launch.endpoint import Endpoint
 from vllm_conformance.matrix import Deployment, PerformanceExpect, settings
 from vllm_conformance.perf import baseline, loadgen, stats, workload
-from vllm_conformance.perf.metrics import BenchMetrics, compute_metrics
+from vllm_conformance.perf.metrics import BenchMetrics, client_bottleneck, compute_metrics
 from vllm_conformance.perf.report import write_report
 from vllm_conformance.perf.server_metrics import ServerLatency, scrape_metrics, server_latencies
+from vllm_conformance.progress import EntryProgress
 
 pytestmark = pytest.mark.needs_expect("performance")
 
@@ -38,6 +39,17 @@ class PerfRun:
     result: loadgen.RunResult
     metrics: BenchMetrics
     server: dict[str, ServerLatency]
+    #: why the load generator may have set the numbers (None: it kept up)
+    client_bottleneck: str | None
+
+    def refuse_if_client_bound(self, recorder: Recorder, check: str) -> None:
+        """Fail the verdict, with the reason, when the client was the bottleneck."""
+        if self.client_bottleneck is None:
+            return
+        why = f"no verdict, the client may have set the numbers: {self.client_bottleneck}"
+        health = self.result.health
+        recorder.record(check, "fail", unmeasured=why, health=asdict(health) if health else None)
+        pytest.fail(why, pytrace=False)
 
 
 def _expect(deployment: Deployment) -> PerformanceExpect:
@@ -47,7 +59,11 @@ def _expect(deployment: Deployment) -> PerformanceExpect:
 
 @pytest.fixture(scope="session")
 def perf_run(
-    server: Endpoint, deployment: Deployment, tokenizer: Any, request: pytest.FixtureRequest
+    server: Endpoint,
+    deployment: Deployment,
+    tokenizer: Any,
+    progress: EntryProgress,
+    request: pytest.FixtureRequest,
 ) -> PerfRun:
     """Run the entry's workload once; write its report and (if asked) its baseline."""
     expect = _expect(deployment)
@@ -59,10 +75,12 @@ def perf_run(
         spec, request_timeout_s=server.request_timeout, drain_timeout_s=server.request_timeout
     )
     before = scrape_metrics(server.base_url)
-    result = loadgen.run_load_sync(
-        server.base_url, server.model, requests, config,
-        progress=loadgen.stderr_progress(), headers=server.headers(),
-    )  # fmt: skip
+    with progress.phase(plan.LOAD_RUN, total=len(requests), unit="requests") as step:
+        result = loadgen.run_load_sync(
+            server.base_url, server.model, requests, config,
+            progress=lambda p: step.update(p.done, f"{p.failed} failed"),
+            headers=server.headers(),
+        )  # fmt: skip
     after = scrape_metrics(server.base_url)
     gated = {workload.percentile_of(t.metric) for t in expect.thresholds}
     percentiles = sorted({90.0, 99.0} | {q for q in gated if q is not None and q != 50.0})
@@ -78,17 +96,22 @@ def perf_run(
             result,
             meta={"entry": deployment.id, "vllm": server.version, "workload": spec.to_dict()},
         )
-    return PerfRun(expect, spec, result, metrics, latencies)
+    return PerfRun(expect, spec, result, metrics, latencies, client_bottleneck(result, metrics))
 
 
 def test_no_failed_requests(perf_run: PerfRun, recorder: Recorder) -> None:
     """Every request of the workload completes; a refused request is a finding."""
     m = perf_run.metrics
     per_request = baseline.baseline_from_run(perf_run.result).samples
+    health = perf_run.result.health
     recorder.record(
         "performance.metrics",
         "pass" if m.failed == 0 and m.not_sent == 0 else "fail",
         measured=m.to_json_dict(),
+        client={
+            "health": asdict(health) if health else None,
+            "bottleneck": perf_run.client_bottleneck,
+        },
         samples=per_request,
         server={k: v.to_dict() for k, v in perf_run.server.items()},
         source=perf_run.expect.source,
@@ -107,6 +130,7 @@ def test_thresholds(perf_run: PerfRun, recorder: Recorder) -> None:
     """
     if not perf_run.expect.thresholds:
         pytest.skip("the entry declares no performance thresholds")
+    perf_run.refuse_if_client_bound(recorder, "performance.thresholds")
     values = perf_run.metrics.as_dict()
     completed = perf_run.metrics.completed
     lost = perf_run.metrics.failed + perf_run.metrics.not_sent
@@ -157,6 +181,7 @@ def test_no_regression_against_baseline(perf_run: PerfRun, recorder: Recorder) -
     the same workload (:mod:`vllm_conformance.perf.stats`, the project's one rule)."""
     if perf_run.expect.baseline is None:
         pytest.skip("the entry declares no performance baseline")
+    perf_run.refuse_if_client_bound(recorder, "performance.baseline")
     path = Path(perf_run.expect.baseline)
     assert path.exists(), f"baseline {path} named by the matrix does not exist"
     base = baseline.load_baseline(path)
