@@ -1,1 +1,0 @@
-"""The conformance suites, run with ``pytest --pyargs vllm_conformance.suites``."""
