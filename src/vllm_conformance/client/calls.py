@@ -8,7 +8,6 @@ an error that arrives inside an HTTP 200 stream (vLLM sends an error chunk, then
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,15 +75,9 @@ def summarize_request(path: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def _read_stream(response: httpx.Response, outcome: Outcome, first_token: bool) -> None:
     pieces: list[str] = []
-    for line in response.iter_lines():
-        data = sse.data_of(line)
-        if data is None:
-            continue
-        if data == sse.DONE:
-            break
-        chunk = json.loads(data)
-        if "error" in chunk:
-            outcome.stream_error = parse_error(200, data)
+    for chunk in sse.events(response.iter_lines()):
+        if sse.is_error(chunk):
+            outcome.stream_error = parse_error(200, chunk)
             continue
         if chunk.get("usage"):
             outcome.usage = chunk["usage"]

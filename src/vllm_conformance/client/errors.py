@@ -26,10 +26,11 @@ class ApiError:
         return asdict(self)
 
 
-def parse_error(status: int, body: bytes | str) -> ApiError | None:
-    """The OpenAI-style error in ``body``, or None when it is not one."""
+def parse_error(status: int, body: bytes | str | dict[str, Any]) -> ApiError | None:
+    """The OpenAI-style error in ``body`` (text, or a stream event already decoded), or None
+    when it is not one."""
     try:
-        data = json.loads(body)
+        data = json.loads(body) if isinstance(body, (bytes, str)) else body
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(data, dict):
@@ -42,10 +43,12 @@ def parse_error(status: int, body: bytes | str) -> ApiError | None:
     return ApiError(status, err.get("type"), str(err["message"]), err.get("param"), err.get("code"))
 
 
-def describe_error(status: int, body: bytes | str) -> str:
+def describe_error(status: int, body: bytes | str | dict[str, Any]) -> str:
     """``type: message`` of an OpenAI-style error body; otherwise the body itself."""
     err = parse_error(status, body)
     if err is None:
+        if isinstance(body, dict):
+            return json.dumps(body)
         return (body.decode(errors="replace") if isinstance(body, bytes) else body).strip()
     return f"{err.type}: {err.message}" if err.type else err.message
 

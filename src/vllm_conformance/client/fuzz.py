@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 from hypothesis import strategies as st
 
+from vllm_conformance.client import sse
+
 Api = Literal["completions", "chat"]
 
 PATHS: dict[str, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -775,6 +777,13 @@ class Verdict:
     error: dict[str, Any] | None = None
 
 
+def _error_info(err: dict[str, Any]) -> dict[str, Any]:
+    """What a verdict records of an error object (the message cut to 500 characters)."""
+    info = {k: err.get(k) for k in ("type", "param", "code")}
+    info["message"] = str(err.get("message"))[:500]
+    return info
+
+
 def check_error_body(status: int, text: str) -> tuple[str, dict[str, Any] | None]:
     """Problems with a 4xx body (empty string if it is an OpenAI-style error)."""
     try:
@@ -785,8 +794,7 @@ def check_error_body(status: int, text: str) -> tuple[str, dict[str, Any] | None
     if not isinstance(err, dict):
         return f"HTTP {status} body has no error object: {text[:200]!r}", None
     missing = [k for k in ("message", "type", "param", "code") if k not in err]
-    info = {k: err.get(k) for k in ("type", "param", "code")}
-    info["message"] = str(err.get("message"))[:500]
+    info = _error_info(err)
     if missing:
         return f"HTTP {status} error object lacks {missing}: {text[:200]!r}", info
     if not isinstance(err["message"], str) or not err["message"]:
@@ -837,15 +845,15 @@ def check_ok_body(api: Api, text: str) -> str:
 
 def check_stream(text: str) -> str:
     """Problems with a streamed 200 answer: every event JSON, no error chunk, ``[DONE]``."""
-    events = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
-    if not events or events[-1] != "[DONE]":
-        return f"stream does not end with [DONE]: {text[-300:]!r}"
+    events = sse.payloads(text)
+    if not events or events[-1] != sse.DONE:
+        return f"stream does not end with {sse.DONE}: {text[-300:]!r}"
     for event in events[:-1]:
         try:
             chunk = json.loads(event)
         except ValueError:
             return f"stream event is not JSON: {event[:200]!r}"
-        if isinstance(chunk, dict) and "error" in chunk:
+        if sse.is_error(chunk):
             return f"error inside a 200 stream: {event[:300]}"
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
             return f"stream chunk without choices: {event[:200]}"
@@ -854,18 +862,14 @@ def check_stream(text: str) -> str:
 
 def stream_error(text: str) -> dict[str, Any] | None:
     """The first error event of a stream (``type``, ``param``, ``code``, ``message``)."""
-    for line in text.splitlines():
-        if not line.startswith("data:"):
-            continue
+    for payload in sse.payloads(text):
         try:
-            chunk = json.loads(line[5:])
+            chunk = json.loads(payload)
         except ValueError:
             continue
-        err = chunk.get("error") if isinstance(chunk, dict) else None
+        err = chunk.get("error", chunk) if sse.is_error(chunk) else None
         if isinstance(err, dict):
-            info = {k: err.get(k) for k in ("type", "param", "code")}
-            info["message"] = str(err.get("message"))[:500]
-            return info
+            return _error_info(err)
     return None
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import os
 import time
@@ -387,13 +386,9 @@ async def send_completion(
             stream = sse.SSEBuffer()
             # Raw chunks: the buffer needs the blank lines that end each message.
             async for chunk in resp.content.iter_any():
-                for message in stream.add(chunk):
-                    data_str = sse.data_of(message)  # None: a comment or keep-alive ping
-                    if data_str is None or data_str == sse.DONE:
-                        continue
-                    data = json.loads(data_str)
-                    if "error" in data or data.get("object") == "error":
-                        error = describe_error(200, data_str)
+                for data in sse.events(stream.add(chunk)):
+                    if sse.is_error(data):
+                        error = describe_error(200, data)
                         result.error = f"stream error: {error}"[:MAX_ERROR_CHARS]
                         continue
                     if choices := data.get("choices"):

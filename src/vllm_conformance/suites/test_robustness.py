@@ -50,7 +50,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import seed as hypothesis_seed
 
-from vllm_conformance.client import fuzz
+from vllm_conformance.client import fuzz, sse
 from vllm_conformance.fixtures.recorder import Recorder
 from vllm_conformance.launch import serving
 from vllm_conformance.launch.endpoint import Endpoint, ServerDiedError
@@ -163,7 +163,7 @@ def _raise_for(verdict: fuzz.Verdict, case: fuzz.FuzzCase) -> None:
 
 def _judge(case: fuzz.FuzzCase, status: int | None, text: str, ctype: str) -> fuzz.Verdict:
     # A raw body may still ask for a stream: trust the answer's content type.
-    streamed = "text/event-stream" in ctype
+    streamed = sse.MEDIA_TYPE in ctype
     return fuzz.judge(case, status, text if status is not None else None, streamed=streamed)
 
 
@@ -416,9 +416,11 @@ def _open_raw(endpoint: Endpoint, body: dict[str, Any]) -> socket.socket:
     return sock
 
 
-def _read_until(sock: socket.socket, marker: bytes, limit: int = 1 << 20) -> bytes:
+def _read_until(
+    sock: socket.socket, arrived: Callable[[bytes], bool], limit: int = 1 << 20
+) -> bytes:
     data = b""
-    while marker not in data and len(data) < limit:
+    while not arrived(data) and len(data) < limit:
         chunk = sock.recv(4096)
         if not chunk:
             break
@@ -438,7 +440,7 @@ def _answered(sock: socket.socket, head: bytes, stream: bool) -> bool:
         pass
     finally:
         sock.setblocking(True)
-    return b"data: [DONE]" in data if stream else data.startswith(b"HTTP/")
+    return sse.has_done(data) if stream else data.startswith(b"HTTP/")
 
 
 @pytest.mark.timeout(600)
@@ -473,7 +475,7 @@ def test_dropped_clients_are_freed(
             sockets.append(_open_raw(ep, body))
         if stream:
             # Each stream's first event proves that its request is generating.
-            heads = [_read_until(sock, b"data:") for sock in sockets]
+            heads = [_read_until(sock, sse.has_data) for sock in sockets]
             bad = [h[:300] for h in heads if not h.startswith(b"HTTP/1.1 200")]
             assert not bad, bad
             started = True
@@ -572,12 +574,13 @@ async def _one_stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[s
     seconds = time.monotonic() - began
     if status == 200:
         problem = fuzz.check_stream(text)
-        usage = None
-        for line in text.splitlines():
-            if line.startswith("data:") and '"usage"' in line and line[5:].strip() != "[DONE]":
-                usage = (json.loads(line[5:]).get("usage") or {}).get("completion_tokens", usage)
-        if not problem and usage != OVERLOAD_TOKENS:
-            problem = f"stream finished with {usage} tokens, not {OVERLOAD_TOKENS}"
+        if not problem:
+            # check_stream found every event a JSON object, so they all decode here.
+            usage = None
+            for event in sse.events(text.splitlines()):
+                usage = (event.get("usage") or {}).get("completion_tokens", usage)
+            if usage != OVERLOAD_TOKENS:
+                problem = f"stream finished with {usage} tokens, not {OVERLOAD_TOKENS}"
         outcome = "completed" if not problem else "bad"
         return {"outcome": outcome, "status": 200, "seconds": seconds, "problem": problem}
     problem, info = fuzz.check_error_body(status, text)
