@@ -185,7 +185,8 @@ def test_at_most_three_full_prefills(run: tuple[Path, list[dict[str, Any]], str]
     # Reuse, proven by vLLM's own counters: most long prompt tokens came from the cache.
     assert measured["cached_tokens"] > 8 * LIMIT, measured
     (concurrent,) = [r for r in measured["requests"] if r["check"] == "concurrent_near_max"]
-    assert concurrent["requests"] == 3 and concurrent["full_prefills"] == 2
+    # The shared prompt comes from the cache, the other one is computed.
+    assert concurrent["requests"] == 2 and concurrent["full_prefills"] == 1
 
 
 def test_a_stalled_engine_fails_at_the_entrys_bound(
