@@ -47,11 +47,13 @@ MAX_ERROR_CHARS = 2000
 LOOP_PROBE_S = 0.01
 #: The client is the bottleneck when its one Python thread is this busy ...
 CLIENT_CPU_LIMIT = 0.9
-#: ... or when the event loop (typically: p50) or the sending of due requests (p99) lags by
-#: more than this share of what is measured (median ITL, median TTFT): a timestamp taken that
-#: late is no longer the server's time. The loop's p99 is reported, not judged: on a shared
-#: machine the OS preempts any process now and then, which moves tail latencies of both
-#: clients alike (benchmarks/fidelity.py measures that side by side).
+#: ... or when the event loop or the sending of due requests lags, at the median, by more
+#: than this share of what is measured (median ITL, median TTFT): a timestamp taken that late
+#: is no longer the server's time. The p99s are reported, not judged: on a shared machine the
+#: OS preempts any process now and then (a CI run on 2 cores beside the CPU server read a
+#: 16.9 ms p99 dispatch lag against a 19.6 ms median TTFT), which moves tail latencies of
+#: both clients alike (benchmarks/fidelity.py measures that side by side); a client that
+#: cannot keep up is late on most requests, not a few.
 LAG_SHARE_LIMIT = 0.25
 #: Lags below this are timer noise whatever the latencies (a 1 ms ITL is not resolvable).
 LAG_FLOOR_S = 0.002
@@ -72,6 +74,7 @@ class RequestResult:
     latency: float = 0.0
     start_time: float = 0.0
     scheduled_time: float = 0.0
+    #: from due to the moment a taken concurrency slot came free (0: a slot was free)
     queue_time: float = 0.0
     status: int | None = None
     error: str = ""
@@ -185,6 +188,7 @@ class GeneratorHealth:
     loop_lag_p50_s: float
     loop_lag_p99_s: float
     loop_lag_max_s: float
+    dispatch_lag_p50_s: float
     dispatch_lag_p99_s: float
     client_cpu: float
 
@@ -194,7 +198,7 @@ class GeneratorHealth:
             return f"the load generator used {self.client_cpu:.0%} of its one core"
         for what, lag, measured in (
             ("median event-loop lag", self.loop_lag_p50_s, median_itl_s),
-            ("p99 dispatch lag", self.dispatch_lag_p99_s, median_ttft_s),
+            ("median dispatch lag", self.dispatch_lag_p50_s, median_ttft_s),
         ):
             limit = max(LAG_FLOOR_S, LAG_SHARE_LIMIT * (measured or 0.0))
             if lag > limit:
@@ -503,11 +507,14 @@ async def run_load(
         deadline = t0 + config.time_limit_s if config.time_limit_s is not None else math.inf
 
         async def one(req: RequestSpec, result: RequestResult) -> None:
-            arrival = time.perf_counter()
+            # Only a wait for a taken slot is queueing; the time from due to this task's
+            # first step (the loop creating the other tasks, say) is the client's lag.
+            must_wait = isinstance(sem, asyncio.Semaphore) and sem.locked()
             sent = False
             try:
                 async with sem:
-                    result.queue_time = time.perf_counter() - arrival
+                    if must_wait:
+                        result.queue_time = time.perf_counter() - t0 - result.scheduled_time
                     if time.perf_counter() >= deadline:
                         result.error = "not sent: time limit reached while queued"
                         return
@@ -567,11 +574,13 @@ async def run_load(
     not_sent += len(queued_out)
     results = [r for r in results if not r.error.startswith("not sent")]
     loop_p50, loop_p99, loop_max = _percentiles(monitor.lags)
+    dispatch_p50, dispatch_p99, _ = _percentiles([r.dispatch_lag for r in results])
     health = GeneratorHealth(
         loop_lag_p50_s=loop_p50,
         loop_lag_p99_s=loop_p99,
         loop_lag_max_s=loop_max,
-        dispatch_lag_p99_s=_percentiles([r.dispatch_lag for r in results])[1],
+        dispatch_lag_p50_s=dispatch_p50,
+        dispatch_lag_p99_s=dispatch_p99,
         client_cpu=cpu / duration if duration > 0 else 0.0,
     )
     return RunResult(
