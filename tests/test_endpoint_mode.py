@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vllm_conformance import models
+from vllm_conformance import cli, models
 from vllm_conformance.launch.local import LaunchSpec, VllmServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,3 +160,14 @@ def test_endpoint_mode_needs_one_entry(tmp_path: Path) -> None:
     )
     assert out.returncode == 4
     assert "select its matrix entry with --entry ID" in out.stderr
+
+
+def test_serve_needs_the_key_its_clients_will_send(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server kept for other runs (``--endpoint``) with a key made up on the spot would
+    answer them all 401: ``serve`` asks for the entry's variable before it starts anything."""
+    monkeypatch.delenv("VLLM_CONFORMANCE_CPU_API_KEY", raising=False)
+    assert cli.main(["serve", "cpu"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "served with --api-key from $VLLM_CONFORMANCE_CPU_API_KEY: set it" in err, err

@@ -107,6 +107,15 @@ def run_serve(args: argparse.Namespace) -> int:
     except MatrixError as exc:
         print(f"vllm-conformance serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    key_env = entry.serve.api_key_env
+    if key_env and not os.environ.get(key_env):
+        # The suites would make up a key per run; a server kept for others needs a known one.
+        print(
+            f"vllm-conformance serve: {entry.id} is served with --api-key from ${key_env}: "
+            f"set it, and pass the same key to the suites (--api-key)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     launcher = serving.LocalLauncher(gpus.detect(), args.startup_timeout)
     if why := launcher.unavailable(entry):
         print(f"vllm-conformance serve: {entry.id}: {why}", file=sys.stderr)
