@@ -31,6 +31,8 @@ from vllm_conformance.perf.baseline import (
     workload_mismatch,
 )
 from vllm_conformance.perf.loadgen import (
+    LOOP_HELD_LIMIT,
+    GeneratorHealth,
     LoadConfig,
     RequestResult,
     RunResult,
@@ -591,6 +593,28 @@ def test_real_regression_is_flagged_and_repeat_is_not(perf_server: tuple[str, st
     assert e2el.ci_low > 1 + NOISY_MIN_EFFECT and e2el.p_value < 1e-6
 
 
+def _health(**changes: float) -> GeneratorHealth:
+    kept_up = {
+        "loop_lag_p50_s": 0.0006, "loop_lag_p99_s": 0.002, "loop_lag_max_s": 0.4,
+        "loop_held_share": 0.06, "dispatch_lag_p50_s": 0.00001, "dispatch_lag_p99_s": 0.017,
+        "client_cpu": 0.05,
+    }  # fmt: skip
+    return GeneratorHealth(**(kept_up | changes))
+
+
+def test_the_client_bound_rule_judges_medians_and_held_time() -> None:
+    """Tails are the OS's (a 2-core CI VM beside the CPU server: p99 dispatch lag 16.9 ms,
+    a 0.4 s pause); a client late on most requests, or held most of the run, is refused."""
+    itl, ttft = 0.004, 0.02
+    assert _health().bottleneck(itl, ttft) is None
+    assert "median dispatch lag was 7.1 ms" in str(
+        _health(dispatch_lag_p50_s=0.0071).bottleneck(itl, ttft)
+    )
+    assert "median event-loop lag" in str(_health(loop_lag_p50_s=0.0025).bottleneck(itl, ttft))
+    assert "held 90% of the run" in str(_health(loop_held_share=0.9).bottleneck(itl, ttft))
+    assert "95% of its one core" in str(_health(client_cpu=0.95).bottleneck(itl, ttft))
+
+
 def _busy(_: object) -> None:
     """A progress callback that holds the client's event loop for 3 s per request: longer
     than the server takes for one (at 200 ms a slow CI VM's server kept the client idle
@@ -619,9 +643,10 @@ def test_a_busy_client_is_named_the_bottleneck(perf_server: tuple[str, str, str]
     assert busy is not None and plain is not None
     why = client_bottleneck(runs["busy"], compute_metrics(runs["busy"]))
     assert why is not None and "load generator" in why, busy
-    # The probes sample the loop while it is free, so a held loop shows in the tail and in
-    # the CPU share (which the rule reads), not in the median.
+    # The probes sample the loop while it is free, so a held loop shows in the tail, the
+    # held share and the CPU share (which the rule reads), not in the probes' median.
     assert busy.loop_lag_max_s > 0.5 > plain.loop_lag_max_s, runs
+    assert busy.loop_held_share > max(LOOP_HELD_LIMIT, plain.loop_held_share), runs
     assert busy.client_cpu > 2 * plain.client_cpu, runs
 
 
